@@ -1,0 +1,45 @@
+"""Backbone adapters, one per model family; `load_backbone` picks one from model_index.json."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .base import Backbone, Denoiser
+from .pixart import PixArtBackbone
+
+BACKBONES = {cls.name: cls for cls in (PixArtBackbone,)}
+
+
+def pipeline_class_name(model_path: str, revision: Optional[str] = None) -> str:
+    if os.path.isdir(model_path):
+        index = os.path.join(model_path, "model_index.json")
+        if not os.path.isfile(index):
+            raise FileNotFoundError(f"{model_path} is not a diffusers pipeline folder "
+                                    "(no model_index.json)")
+        with open(index) as f:
+            return json.load(f)["_class_name"]
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model_path, revision=revision)["_class_name"]
+
+
+def backbone_class(name: str, model_path: str, revision: Optional[str] = None):
+    if name != "auto":
+        if name not in BACKBONES:
+            raise ValueError(f"--backbone {name!r} is not one of {', '.join(BACKBONES)}")
+        return BACKBONES[name]
+    pipeline = pipeline_class_name(model_path, revision)
+    for cls in BACKBONES.values():
+        if pipeline in cls.pipeline_class_names:
+            return cls
+    raise ValueError(f"no backbone adapter for {pipeline}; pass --backbone, one of "
+                     f"{', '.join(BACKBONES)}")
+
+
+def load_backbone(model_path: str, name: str = "auto", revision: Optional[str] = None,
+                  variant: Optional[str] = None) -> Backbone:
+    return backbone_class(name, model_path, revision)(model_path, revision=revision, variant=variant)
+
+
+__all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "pipeline_class_name"]

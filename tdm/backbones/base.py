@@ -1,0 +1,87 @@
+"""What every backbone adapter provides, and the denoiser callable the loop sees."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..path import GaussianPath
+
+
+class Backbone:
+    """Everything model-specific about one model family.
+
+    The training loop only sees `Denoiser`s: (x_t, t, condition) -> (x̂0, ε̂), conditions as
+    dicts of batch-first tensors, and latents of `latent_shape(resolution)`.
+    """
+
+    name: str = ""
+    pipeline_class_names: Sequence[str] = ()
+    prediction_type: str = "epsilon"
+    lora_prefix: str = "transformer"              # key prefix of the diffusers LoRA format
+    denoiser_subfolder: str = "transformer"       # where the denoiser lives in the pipeline folder
+    lora_target_modules: List[str] = []
+
+    def __init__(self, model_path: str, revision: Optional[str] = None,
+                 variant: Optional[str] = None):
+        self.model_path = model_path
+        self.revision = revision
+        self.variant = variant
+        self.path: GaussianPath = None
+
+    # -- models ---------------------------------------------------------------------------
+    def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
+        """A fresh copy of the teacher network (UNet or transformer) in `dtype`."""
+        raise NotImplementedError
+
+    def load_text_encoders(self, device, dtype) -> None:
+        raise NotImplementedError
+
+    def load_vae(self, device, dtype) -> None:
+        raise NotImplementedError
+
+    # -- data -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> dict:
+        raise NotImplementedError
+
+    def latent_shape(self, resolution: int) -> tuple:
+        raise NotImplementedError
+
+    def check_resolution(self, resolution: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1], [B, 3, H, W]."""
+        raise NotImplementedError
+
+    # -- network call ---------------------------------------------------------------------
+    def model_output(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                     cond: dict) -> torch.Tensor:
+        """The raw prediction of `prediction_type` for x_t (extra channels removed)."""
+        raise NotImplementedError
+
+    def denoiser(self, module: torch.nn.Module) -> "Denoiser":
+        return Denoiser(module, self)
+
+    # -- inference ------------------------------------------------------------------------
+    def load_pipeline(self, dtype, weights: Optional[str] = None, lora_scale: float = 1.0):
+        """A stock diffusers pipeline of the teacher with the student applied."""
+        raise NotImplementedError
+
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments for the pipeline's __call__ (e.g. switches of one family)."""
+        return {}
+
+
+class Denoiser:
+    """(x_t, t, condition) -> (x̂0, ε̂) in float32 (TDM_SPEC §1)."""
+
+    def __init__(self, module: torch.nn.Module, backbone: Backbone):
+        self.module = module
+        self.backbone = backbone
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
+        out = self.backbone.model_output(self.module, x_t, t, cond)
+        return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)

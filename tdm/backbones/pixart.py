@@ -1,0 +1,139 @@
+"""PixArt-α: PixArtTransformer2DModel, ε-prediction with learned-sigma channels, T5 text
+encoder with attention mask, DDPM table with linear betas (TDM_SPEC §1)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..path import GaussianPath
+from .base import Backbone
+
+
+def _transformer_with_lora_loader():
+    """PixArtTransformer2DModel with diffusers' PEFT mixin, which this diffusers leaves out of
+    the class: it adds load_lora_adapter / set_adapters / disable_adapters and nothing else."""
+    from diffusers import PixArtTransformer2DModel
+    from diffusers.loaders import PeftAdapterMixin
+
+    class PixArtTransformer2DModelWithLoRA(PixArtTransformer2DModel, PeftAdapterMixin):
+        pass
+
+    return PixArtTransformer2DModelWithLoRA
+
+
+class PixArtBackbone(Backbone):
+    name = "pixart"
+    pipeline_class_names = ("PixArtAlphaPipeline",)
+    prediction_type = "epsilon"
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    max_sequence_length = 120
+
+    def __init__(self, model_path: str, revision: Optional[str] = None,
+                 variant: Optional[str] = None):
+        super().__init__(model_path, revision, variant)
+        from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+
+        kw = self._load_kwargs()
+        self.scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
+        self.path = GaussianPath.from_scheduler(self.scheduler)
+        self.transformer_config = PixArtTransformer2DModel.load_config(
+            model_path, subfolder="transformer", revision=revision)
+        vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=revision)
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.text_pipeline = None
+        self.vae = None
+
+    def _load_kwargs(self):
+        return {"revision": self.revision} if self.revision else {}
+
+    # -- models ---------------------------------------------------------------------------
+    def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
+        from diffusers import PixArtTransformer2DModel
+
+        return PixArtTransformer2DModel.from_pretrained(
+            self.model_path, subfolder="transformer", variant=self.variant, dtype=dtype,
+            **self._load_kwargs())
+
+    def load_text_encoders(self, device, dtype) -> None:
+        from diffusers import PixArtAlphaPipeline
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        kw = self._load_kwargs()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **kw)
+        text_encoder = T5EncoderModel.from_pretrained(
+            self.model_path, subfolder="text_encoder", variant=self.variant, dtype=dtype, **kw)
+        text_encoder.requires_grad_(False).eval().to(device)
+        # The pipeline's own encode_prompt, so that training and inference embed prompts alike.
+        self.text_pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                                                 vae=None, transformer=None, scheduler=None)
+
+    def load_vae(self, device, dtype) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(self.model_path, subfolder="vae",
+                                                 dtype=dtype, **self._load_kwargs())
+        self.vae.requires_grad_(False).eval().to(device)
+
+    # -- data -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> dict:
+        device = self.text_pipeline.text_encoder.device
+        embeds, mask, _, _ = self.text_pipeline.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=device, clean_caption=False,
+            max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+    def latent_shape(self, resolution: int) -> tuple:
+        size = resolution // self.vae_scale_factor
+        return (self.transformer_config["in_channels"], size, size)
+
+    def check_resolution(self, resolution: int) -> None:
+        factor = self.vae_scale_factor * self.transformer_config["patch_size"]
+        if resolution <= 0 or resolution % factor:
+            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} "
+                             f"(VAE factor {self.vae_scale_factor} × patch size "
+                             f"{self.transformer_config['patch_size']})")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- network call ---------------------------------------------------------------------
+    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+        dtype = next(module.parameters()).dtype
+        out = module(x_t.to(dtype), timestep=t,
+                     encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                     encoder_attention_mask=cond["encoder_attention_mask"],
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                     return_dict=False)[0]
+        if out.shape[1] == 2 * x_t.shape[1]:   # learned sigma: keep the ε channels
+            out = out.chunk(2, dim=1)[0]
+        return out
+
+    # -- inference ------------------------------------------------------------------------
+    def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
+        """PixArtAlphaPipeline with the student. PixArtAlphaPipeline has no LoRA loader, so the
+        transformer is loaded as a subclass with diffusers' PEFT mixin and the LoRA goes in
+        through `transformer.load_lora_adapter`."""
+        from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+        kind, location = weights if weights else (None, None)
+        kw = self._load_kwargs()
+        if kind == "full":
+            transformer = PixArtTransformer2DModel.from_pretrained(location, dtype=dtype)
+        else:
+            transformer = _transformer_with_lora_loader().from_pretrained(
+                self.model_path, subfolder="transformer", dtype=dtype, variant=self.variant, **kw)
+        pipe = PixArtAlphaPipeline.from_pretrained(self.model_path, transformer=transformer,
+                                                   dtype=dtype, variant=self.variant, **kw)
+        if kind == "lora":
+            pipe.transformer.load_lora_adapter(location, adapter_name="tdm", prefix=self.lora_prefix,
+                                               use_safetensors=True)
+            pipe.transformer.set_adapters(["tdm"], weights=[lora_scale])
+        return pipe
+
+    def pipeline_kwargs(self) -> dict:
+        return {"use_resolution_binning": False, "clean_caption": False}
+

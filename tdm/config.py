@@ -1,0 +1,178 @@
+"""Command-line flags of train_tdm.py; a YAML --config supplies defaults, the command line wins.
+
+Flag names follow the upstream TDM demo and the diffusers training examples.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import List, Optional
+
+import yaml
+
+DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line and exit code 2 before any work is done."""
+
+
+def int_list(text) -> List[int]:
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Trajectory Distribution Matching: distil a diffusion "
+                                "model into a few-step student from prompts alone.")
+    a = p.add_argument
+    a("--config", default=None, help="YAML file whose keys are these flag names.")
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
+                   help="Teacher pipeline: hub id or local diffusers folder.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--backbone", default="auto", help="Backbone adapter; auto reads model_index.json.")
+    g.add_argument("--train_mode", choices=["lora", "full"], default="lora")
+    g.add_argument("--lora_rank", type=int, default=64)
+    g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g = p.add_argument_group("TDM")
+    g.add_argument("--num_steps", type=int, default=4, help="K, the student's number of steps.")
+    g.add_argument("--total_steps", type=int, default=900,
+                   help="T: grid τ_k = k·T/K − 1 (900 → 899, 674, 449, 224).")
+    g.add_argument("--timesteps", type=int_list, default=None,
+                   help="Explicit grid, first step first, e.g. 999,856,665,399.")
+    g.add_argument("--cfg", type=float, default=4.5, help="Teacher guidance scale in the target.")
+    g.add_argument("--use_separate", action="store_true",
+                   help="Mode 1: each step's diffusion interval is its own.")
+    g.add_argument("--use_randmid", action="store_true", help="Random end point of the ODE move.")
+    g.add_argument("--use_huber", action="store_true", help="Element-wise pseudo-Huber (c=1e-3).")
+    g.add_argument("--loss", choices=["mse", "huber", "huber_norm"], default=None,
+                   help="Generator loss; default mse, or huber with --use_huber. huber_norm is "
+                   "the paper's norm-level pseudo-Huber.")
+    g.add_argument("--snr_gamma", type=float, default=5.0)
+    g = p.add_argument_group("data")
+    g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),
+                   help=".txt (one prompt a line), .jsonl/.json/.csv/.parquet, a dataset folder "
+                   "or a datasets hub id.")
+    g.add_argument("--caption_column", default=None,
+                   help="Column of the prompts; default: the first of prompt, caption, text.")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--max_sequence_length", type=int, default=None)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=500)
+    g.add_argument("--learning_rate", type=float, default=2e-5,
+                   help="Fake-score lr; the generator's is learning_rate / 5.")
+    g.add_argument("--generator_lr_ratio", type=float, default=0.2)
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=float, default=0.0)
+    g.add_argument("--adam_beta2", type=float, default=0.95)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Default: as accelerate is configured.")
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default="tdm-output")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--report_to", default="tensorboard")
+    g.add_argument("--tracker_project_name", default="tdm")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or `latest`.")
+    g.add_argument("--validation_steps", type=int, default=100)
+    g.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="Default: the first four lines of assets/validation_prompts.txt.")
+    g.add_argument("--validation_seed", type=int, default=0)
+    return p
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    return {a.dest for a in parser._actions
+            if any(opt == arg or arg.startswith(opt + "=") for opt in a.option_strings for arg in argv)}
+
+
+def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    for key in values:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise UsageError(f"--config {path}: unknown key {key!r}{hint}")
+    if "timesteps" in values and values["timesteps"] is not None:
+        values["timesteps"] = int_list(values["timesteps"])
+    return values
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = _explicit_flags(parser, argv)
+    if args.config:
+        yaml_values = load_yaml_defaults(parser, args.config)
+        given |= set(yaml_values)
+        parser.set_defaults(**yaml_values)
+        args = parser.parse_args(argv)  # command-line flags win over the YAML
+    args._explicit = given
+    if args.loss is None:
+        args.loss = "huber" if args.use_huber else "mse"
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    check_args(args)
+    return args
+
+
+def step_timesteps(args) -> List[int]:
+    if args.timesteps:
+        return list(args.timesteps)
+    from .trajectory import StepGrid
+
+    return StepGrid.uniform(args.num_steps, args.total_steps).timesteps
+
+
+def check_args(args) -> None:
+    if args.cfg <= 0:
+        raise UsageError(f"--cfg must be > 0 (1 disables guidance), got {args.cfg}")
+    if args.num_steps < 1:
+        raise UsageError(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.timesteps:
+        ts = args.timesteps
+        if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
+            raise UsageError(f"--timesteps must be strictly decreasing and >= 0, got {ts}")
+        if len(ts) != args.num_steps and "num_steps" in getattr(args, "_explicit", ()):
+            raise UsageError(f"--timesteps has {len(ts)} steps but --num_steps is {args.num_steps}")
+        args.num_steps = len(ts)
+    elif args.total_steps < args.num_steps:
+        raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({args.num_steps})")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
+            and not os.path.isdir(args.resume_from_checkpoint):
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
+                         "(give a checkpoint-N folder or `latest`)")
+
+
+def save_resolved_config(args, path: str) -> None:
+    values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)

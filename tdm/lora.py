@@ -1,0 +1,38 @@
+"""LoRA: attach to a network for training, export in the diffusers LoRA format."""
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+ADAPTER = "default"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def attach_lora(module: torch.nn.Module, rank: int, alpha: float, target_modules) -> LoraConfig:
+    """Freeze `module` and inject trainable LoRA layers (initialised so that ΔW = 0)."""
+    module.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                        target_modules=list(target_modules))
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+            param.data = param.data.float()   # trainable weights stay in fp32
+    module.tdm_lora_config = config
+    return config
+
+
+def save_lora(module: torch.nn.Module, save_directory: str, prefix: str) -> str:
+    """Write `pytorch_lora_weights.safetensors` with keys `<prefix>.<module>.lora_A.weight` and the
+    adapter config (rank, alpha, targets) in the header, as diffusers' loaders read it."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    layers = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+    metadata = module.tdm_lora_config.to_dict()
+    LoraBaseMixin._save_lora_weights(save_directory=save_directory,
+                                     lora_layers={prefix: layers},
+                                     lora_metadata={prefix: metadata},
+                                     weight_name=LORA_WEIGHT_NAME)
+    return os.path.join(save_directory, LORA_WEIGHT_NAME)

@@ -1,0 +1,74 @@
+"""The Gaussian path x_t = alpha_t * x0 + sigma_t * eps and the conversions to (x0, eps).
+
+TDM_SPEC §1: every model output is first converted to (x̂0, ε̂); all TDM maths is written in
+those two quantities, so one implementation serves every backbone.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class GaussianPath:
+    """Discrete noise schedule indexed by integer timesteps 0..N-1 (TDM_SPEC §1).
+
+    For the DDPM family alpha_t = sqrt(ᾱ_t), sigma_t = sqrt(1 - ᾱ_t) from the teacher
+    scheduler's `alphas_cumprod`. Lookups take a tensor of timesteps (one per sample) and
+    return values shaped to broadcast against a batch of latents.
+    """
+
+    def __init__(self, alpha: torch.Tensor, sigma: torch.Tensor):
+        self.alpha = alpha.float()
+        self.sigma = sigma.float()
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "GaussianPath":
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        return cls(alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt())
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "GaussianPath":
+        return cls.from_alphas_cumprod(scheduler.alphas_cumprod)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.alpha.shape[0]
+
+    def to(self, device) -> "GaussianPath":
+        return GaussianPath(self.alpha.to(device), self.sigma.to(device))
+
+    def _lookup(self, table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        values = table.to(t.device)[t.long()]
+        return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+    def alpha_sigma(self, t: torch.Tensor, ndim: int = 1):
+        """(alpha_t, sigma_t), each reshaped to `ndim` dimensions for broadcasting."""
+        return self._lookup(self.alpha, t, ndim), self._lookup(self.sigma, t, ndim)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = alpha_t² / sigma_t² (TDM_SPEC §4), one value per timestep."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               prediction_type: str):
+        """Convert a network output at (x_t, t) to (x̂0, ε̂) (TDM_SPEC §1).
+
+        epsilon:       ε̂ = out,            x̂0 = (x_t - σ ε̂) / α
+        sample:        x̂0 = out,           ε̂ = (x_t - α x̂0) / σ
+        v_prediction:  x̂0 = α x_t - σ v,   ε̂ = σ x_t + α v
+        """
+        alpha, sigma = self.alpha_sigma(t, x_t.ndim)
+        out = model_output.float()
+        x_t = x_t.float()
+        if prediction_type == "epsilon":
+            return (x_t - sigma * out) / alpha, out
+        if prediction_type == "sample":
+            return out, (x_t - alpha * out) / sigma
+        if prediction_type == "v_prediction":
+            return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+    def ddim_move(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM move to time t with the predicted noise: α_t x̂0 + σ_t ε̂ (§2)."""
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha * x0 + sigma * eps

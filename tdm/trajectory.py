@@ -1,0 +1,148 @@
+"""The student's trajectory: step grid, rollout, and sampling a point of it (TDM_SPEC §2–3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .path import GaussianPath
+
+# (x_t, t, condition) -> (x̂0, ε̂); see tdm.backbones.Denoiser.
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple]
+
+
+class StepGrid:
+    """Step times τ_K > … > τ_1, first step first (TDM_SPEC §2).
+
+    Default: τ_k = k·T/K − 1 (T = total_steps), e.g. T=900, K=4 → 899, 674, 449, 224.
+    An explicit list (e.g. 999, 856, 665, 399) overrides T and K; then T = τ_K + 1.
+    """
+
+    def __init__(self, timesteps: Sequence[int]):
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing, got {timesteps}")
+        if timesteps[-1] < 0:
+            raise ValueError(f"timesteps must be >= 0, got {timesteps}")
+        self.timesteps = timesteps
+        # taus[k] = τ_k for k = 1..K; taus[0] = -1 so that the end of step 1 is τ_0 + 1 = 0.
+        self.taus = torch.tensor([-1] + timesteps[::-1], dtype=torch.long)
+
+    @classmethod
+    def uniform(cls, num_steps: int, total_steps: int) -> "StepGrid":
+        return cls([k * total_steps // num_steps - 1 for k in range(num_steps, 0, -1)])
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def horizon(self) -> int:
+        """T: the first step starts at τ_K = T − 1."""
+        return self.timesteps[0] + 1
+
+    def tau(self, k: torch.Tensor) -> torch.Tensor:
+        return self.taus.to(k.device)[k]
+
+
+@dataclass
+class Rollout:
+    """States x^{(k)} and the student's predictions at each step, indexed k-1 along dim 0."""
+
+    states: torch.Tensor  # [K, B, ...] input state of step k
+    x0: torch.Tensor      # [K, B, ...] x̂0 of step k
+    eps: torch.Tensor     # [K, B, ...] ε̂ of step k
+
+    def at(self, k: torch.Tensor):
+        """Per-sample (state, x̂0, ε̂) of step k[b] for every sample b, without a batch loop."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        return self.states[k - 1, rows], self.x0[k - 1, rows], self.eps[k - 1, rows]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The K-step sample: x̂0 of the last step (k = 1)."""
+        return self.x0[0]
+
+
+@torch.no_grad()
+def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid,
+            path: GaussianPath) -> Rollout:
+    """Deterministic K-step sampling from pure noise placed at τ_K (TDM_SPEC §2).
+
+    x ← α_{τ_{k-1}} x̂0 + σ_{τ_{k-1}} ε̂ between steps; the student uses no CFG.
+    """
+    batch = noise.shape[0]
+    states, x0s, epss = [], [], []
+    x = noise
+    for k in range(grid.num_steps, 0, -1):
+        t = grid.tau(torch.full((batch,), k, device=noise.device, dtype=torch.long))
+        x0, eps = student(x, t, cond)
+        states.append(x)
+        x0s.append(x0)
+        epss.append(eps)
+        if k > 1:
+            x = path.ddim_move(x0, eps, grid.tau(torch.full_like(t, k - 1)))
+    # Stored last-step-first; flip so that index k-1 is step k.
+    return Rollout(torch.stack(states[::-1]), torch.stack(x0s[::-1]), torch.stack(epss[::-1]))
+
+
+@dataclass
+class Interval:
+    """A drawn point of the trajectory distribution, one entry per sample (TDM_SPEC §3.1–3)."""
+
+    k: torch.Tensor    # step index in 1..K
+    t_g: torch.Tensor  # the step's input time τ_k
+    t_e: torch.Tensor  # end of the ODE move
+    t: torch.Tensor    # diffusion time
+
+
+def _uniform_int(low: torch.Tensor, high: torch.Tensor, generator=None) -> torch.Tensor:
+    """Integer draw from U[low, high) per element; an empty range collapses to `low`."""
+    span = (high - low).clamp(min=1)
+    u = torch.rand(low.shape, device=low.device, generator=generator)
+    return low + (u * span).long().clamp(max=span - 1)
+
+
+def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid: bool,
+                     generator: Optional[torch.Generator] = None) -> Interval:
+    """Draw (k, t_g, t_e, t) per sample (TDM_SPEC §3.1–3).
+
+    k ~ U{1..K}; t_g = τ_k; t_e = τ_{k-1} + 1 (0 for the last step);
+    randmid: t_e ~ U[t_e, t_g − 20);
+    separate (mode 1): t ~ U[max(20, t_e), t_g − 10); mode 2: t ~ U[max(20, t_e), T − 10).
+    """
+    k = torch.randint(1, grid.num_steps + 1, (batch,), device=device, generator=generator)
+    t_g = grid.tau(k)
+    t_e = grid.tau(k - 1) + 1
+    if randmid:
+        t_e = _uniform_int(t_e, t_g - 20, generator)
+    low = t_e.clamp(min=20)
+    high = t_g - 10 if separate else torch.full_like(t_g, grid.horizon - 10)
+    t = _uniform_int(low, high, generator)
+    return Interval(k=k, t_g=t_g, t_e=t_e, t=t)
+
+
+def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1):
+    """β = √(σ_t² − (α_t σ_{t_e} / α_{t_e})²), the std of q(x_t | x_{t_e}) (TDM_SPEC §3.5)."""
+    a_e, s_e = path.alpha_sigma(t_e, ndim)
+    a_t, s_t = path.alpha_sigma(t, ndim)
+    return (s_t**2 - (a_t * s_e / a_e) ** 2).clamp(min=0).sqrt()
+
+
+def diffuse(path: GaussianPath, x0: torch.Tensor, eps: torch.Tensor, t_e: torch.Tensor,
+            t: torch.Tensor, noise: torch.Tensor):
+    """ODE move to t_e, then forward diffusion to t (TDM_SPEC §3.4–6).
+
+    x_e = α_{t_e} x̂0 + σ_{t_e} ε̂;   x_t = (α_t/α_{t_e}) x_e + β n;
+    mixed noise m = ((α_t/α_{t_e}) σ_{t_e} ε̂ + β n) / σ_t, so that x_t = α_t x̂0 + σ_t m.
+    Returns (x_t, m).
+    """
+    nd = x0.ndim
+    a_e, s_e = path.alpha_sigma(t_e, nd)
+    a_t, s_t = path.alpha_sigma(t, nd)
+    beta = transition_std(path, t_e, t, nd)
+    x_e = path.ddim_move(x0, eps, t_e)
+    x_t = (a_t / a_e) * x_e + beta * noise
+    m = ((a_t / a_e) * s_e * eps + beta * noise) / s_t
+    return x_t, m

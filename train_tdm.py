@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Trajectory Distribution Matching (TDM): distil a diffusion model into a K-step student.
+
+    accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
+        --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
+
+Per iteration (TDM_SPEC §2–5): roll the student out on its step grid from pure noise; update the
+fake score ψ on points of that trajectory; then update the student θ with the teacher-minus-fake
+direction at a freshly drawn point. The maths is in tdm/; this file wires it to accelerate.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+import torch
+
+from tdm.config import UsageError, parse_args, save_resolved_config, step_timesteps
+from tdm.data import load_prompts
+
+logger = logging.getLogger("tdm")
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def load_trainable_copy(args, backbone, weight_dtype):
+    """Student or fake score, initialised from the teacher: a full fp32 copy, or the frozen base
+    in the compute dtype with fp32 LoRA layers on it."""
+    from tdm.lora import attach_lora
+
+    if args.train_mode == "full":
+        net = backbone.load_denoiser(torch.float32).requires_grad_(True)
+    else:
+        net = backbone.load_denoiser(weight_dtype)
+        attach_lora(net, args.lora_rank, args.lora_alpha, backbone.lora_target_modules)
+    if args.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    net.train()
+    return net
+
+
+def enable_xformers(nets, accelerator):
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        if accelerator.is_main_process:
+            print("warning: xformers is not installed; using PyTorch SDPA attention", file=sys.stderr)
+        return
+    for net in nets:
+        net.enable_xformers_memory_efficient_attention()
+
+
+def make_optimizer(params, lr, args):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise UsageError(f"--use_8bit_adam needs bitsandbytes ({error}); pip install bitsandbytes")
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def register_checkpoint_hooks(accelerator, named_nets):
+    """Checkpoints hold only what trains (LoRA layers, or every weight in full mode)."""
+    from tdm.checkpoint import load_trainable, save_trainable
+
+    def name_of(model):
+        model = accelerator.unwrap_model(model)
+        return next(name for name, net in named_nets.items() if net is model)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_trainable(accelerator.unwrap_model(model),
+                               os.path.join(output_dir, f"{name_of(model)}.safetensors"))
+        weights.clear()   # nothing else to save: the default would store the frozen base too
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            load_trainable(accelerator.unwrap_model(model),
+                           os.path.join(input_dir, f"{name_of(model)}.safetensors"))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, args, global_step):
+    from tdm.checkpoint import rotate_checkpoints
+
+    if accelerator.is_main_process:
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(path)
+    logger.info("saved %s", path)
+
+
+@torch.no_grad()
+def log_validation(accelerator, args, backbone, tdm, student_net, global_step):
+    """A grid of the K-step student on fixed prompts and fixed noise (main process only, so the
+    network is called unwrapped: a DDP forward on one rank would wait for the others)."""
+    from tdm.images import image_grid, to_pil
+
+    student = backbone.denoiser(accelerator.unwrap_model(student_net))
+
+    prompts = args.validation_prompts
+    cond = backbone.encode_prompts(prompts)
+    generator = torch.Generator().manual_seed(args.validation_seed)
+    noise = torch.randn((len(prompts), *backbone.latent_shape(args.resolution)), generator=generator)
+    with accelerator.autocast():
+        latents = tdm.rollout(student, noise.to(accelerator.device), cond).sample
+    grid = image_grid(to_pil(backbone.decode(latents)), rows=1)
+    folder = os.path.join(args.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    grid.save(os.path.join(folder, f"step-{global_step:06d}.png"))
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": np.asarray(grid)[None]}, global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=global_step)
+
+
+def export_student(accelerator, args, backbone, student_net):
+    from tdm.lora import save_lora
+
+    net = accelerator.unwrap_model(student_net)
+    if args.train_mode == "lora":
+        path = save_lora(net, args.output_dir, backbone.lora_prefix)
+    else:
+        path = os.path.join(args.output_dir, backbone.denoiser_subfolder)
+        net.save_pretrained(path)
+    logger.info("exported the student to %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from tdm.backbones import load_backbone
+    from tdm.checkpoint import checkpoint_step, latest_checkpoint
+    from tdm.conditions import expand_condition
+    from tdm.method import TDM, TDMConfig
+    from tdm.trajectory import StepGrid
+
+    # Cheap checks first: bad input must not cost a model load.
+    prompts = load_prompts(args.prompts, args.caption_column)
+    if args.validation_prompts is None:
+        args.validation_prompts = load_prompts(os.path.join(os.path.dirname(__file__), "assets",
+                                                            "validation_prompts.txt"))[:4]
+    grid = StepGrid(step_timesteps(args))
+    args.timesteps = grid.timesteps
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                       torch.float32)
+    if len(prompts) < args.train_batch_size * accelerator.num_processes:
+        raise UsageError(f"--prompts has {len(prompts)} prompts, fewer than one batch "
+                         f"({args.train_batch_size} × {accelerator.num_processes} processes)")
+
+    # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
+    backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
+                             args.variant)
+    backbone.check_resolution(args.resolution)
+    if grid.timesteps[0] >= backbone.path.num_timesteps:
+        raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
+                         f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
+    teacher_net = backbone.load_denoiser(weight_dtype).requires_grad_(False).eval()
+    teacher_net.to(accelerator.device)
+    student_net = load_trainable_copy(args, backbone, weight_dtype)
+    fake_net = load_trainable_copy(args, backbone, weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers([teacher_net, student_net, fake_net], accelerator)
+    backbone.load_text_encoders(accelerator.device, weight_dtype)
+    backbone.load_vae(accelerator.device, weight_dtype)
+    backbone.path = backbone.path.to(accelerator.device)
+    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
+
+    # Two AdamW optimisers; LR schedule and clipping on the generator only (TDM_SPEC §4–5).
+    trainable = lambda net: [p for p in net.parameters() if p.requires_grad]  # noqa: E731
+    fake_optimizer = make_optimizer(trainable(fake_net), args.learning_rate, args)
+    generator_optimizer = make_optimizer(trainable(student_net),
+                                         args.learning_rate * args.generator_lr_ratio, args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=generator_optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
+                                             drop_last=True, num_workers=args.dataloader_num_workers)
+    (student_net, fake_net, generator_optimizer, fake_optimizer, dataloader,
+     lr_scheduler) = accelerator.prepare(student_net, fake_net, generator_optimizer, fake_optimizer,
+                                         dataloader, lr_scheduler)
+    register_checkpoint_hooks(accelerator, {"student": accelerator.unwrap_model(student_net),
+                                            "fake_score": accelerator.unwrap_model(fake_net)})
+    teacher, student, fake = (backbone.denoiser(n) for n in (teacher_net, student_net, fake_net))
+    tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
+                                             randmid=args.use_randmid, loss=args.loss,
+                                             snr_gamma=args.snr_gamma))
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
+        tracker_config = {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    # Resume.
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = (latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
+                else args.resume_from_checkpoint)
+        if path is None:
+            logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
+        else:
+            accelerator.load_state(path)
+            global_step = checkpoint_step(path)
+            logger.info("resumed from %s at step %d", path, global_step)
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
+                    disable=not accelerator.is_local_main_process)
+    latent_shape = backbone.latent_shape(args.resolution)
+    for epoch in range(first_epoch, sys.maxsize):
+        if global_step >= args.max_train_steps:
+            break
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+        skip_batches = 0
+        for batch_prompts in batches:
+            cond = backbone.encode_prompts(batch_prompts)
+            batch = len(batch_prompts)
+            noise = torch.randn((batch, *latent_shape), device=accelerator.device)
+            with accelerator.accumulate(student_net, fake_net), accelerator.autocast():
+                trajectory = tdm.rollout(student, noise, cond)
+                # 1. fake score ψ on the student's trajectory (§4)
+                fake_loss = tdm.fake_score_loss(trajectory, cond, fake)
+                accelerator.backward(fake_loss)
+                fake_optimizer.step()
+                fake_optimizer.zero_grad(set_to_none=True)
+                # 2. student θ, with a fresh draw and the updated ψ (§5)
+                generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
+                                                    student, teacher, fake)
+                accelerator.backward(generator_loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable(student_net), args.max_grad_norm)
+                generator_optimizer.step()
+                lr_scheduler.step()
+                generator_optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            losses = {"loss_fake": fake_loss.detach().item(),
+                      "loss_generator": generator_loss.detach().item(),
+                      "lr": lr_scheduler.get_last_lr()[0]}
+            progress.update(1)
+            progress.set_postfix(fake=f"{losses['loss_fake']:.4g}",
+                                 gen=f"{losses['loss_generator']:.4g}")
+            accelerator.log(losses, step=global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if accelerator.is_main_process and args.validation_steps and \
+                    global_step % args.validation_steps == 0:
+                log_validation(accelerator, args, backbone, tdm, student_net, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_student(accelerator, args, backbone, student_net)
+        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
+    accelerator.end_training()
+
+
+def cli(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        main(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
