@@ -155,7 +155,7 @@ def main(args):
     from tdm.backbones import load_backbone
     from tdm.checkpoint import checkpoint_step, latest_checkpoint
     from tdm.conditions import expand_condition
-    from tdm.method import TDM, TDMConfig
+    from tdm.method import TDM, NoiseGenerator, TDMConfig
     from tdm.trajectory import StepGrid
 
     # Cheap checks first: bad input must not cost a model load.
@@ -220,9 +220,11 @@ def main(args):
     register_checkpoint_hooks(accelerator, {"student": accelerator.unwrap_model(student_net),
                                             "fake_score": accelerator.unwrap_model(fake_net)})
     teacher, student, fake = (backbone.denoiser(n) for n in (teacher_net, student_net, fake_net))
+    noise_generator = NoiseGenerator(accelerator.device, (args.seed or 0) + accelerator.process_index)
+    accelerator.register_for_checkpointing(noise_generator)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
-                                             snr_gamma=args.snr_gamma))
+                                             snr_gamma=args.snr_gamma), noise_generator)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -258,7 +260,7 @@ def main(args):
         for batch_prompts in batches:
             cond = backbone.encode_prompts(batch_prompts)
             batch = len(batch_prompts)
-            noise = torch.randn((batch, *latent_shape), device=accelerator.device)
+            noise = tdm.randn((batch, *latent_shape), accelerator.device)
             with accelerator.accumulate(student_net, fake_net), accelerator.autocast():
                 trajectory = tdm.rollout(student, noise, cond)
                 # 1. fake score ψ on the student's trajectory (§4)

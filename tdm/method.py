@@ -6,6 +6,7 @@ fake-score loss (TDM_SPEC §4) and generator loss (TDM_SPEC §5) on a shared stu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,11 +25,30 @@ class TDMConfig:
     snr_gamma: float = 5.0
 
 
+class NoiseGenerator:
+    """The random stream of training (initial noise, interval draws, diffusion noise), separate
+    from torch's global one so that a checkpoint can store it and resume continues it exactly."""
+
+    def __init__(self, device, seed: int):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(self, shape, device) -> torch.Tensor:
+        return torch.randn(shape, device=device, generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 class TDM:
-    def __init__(self, path: GaussianPath, grid: StepGrid, config: TDMConfig):
+    def __init__(self, path: GaussianPath, grid: StepGrid, config: TDMConfig,
+                 noise: Optional[NoiseGenerator] = None):
         self.path = path
         self.grid = grid
         self.config = config
+        self.noise = noise
         self.fake_score_objective = FakeScoreLoss(path, config.snr_gamma)
         self.generator_objective = GeneratorLoss(config.loss)
 
@@ -36,13 +56,19 @@ class TDM:
         return rollout(student, noise, cond, self.grid, self.path)
 
     def _draw(self, batch: int, device):
-        return sample_intervals(self.grid, batch, device, self.config.separate, self.config.randmid)
+        return sample_intervals(self.grid, batch, device, self.config.separate, self.config.randmid,
+                                self.noise.generator if self.noise else None)
+
+    def randn(self, shape, device) -> torch.Tensor:
+        if self.noise is None:
+            return torch.randn(shape, device=device)
+        return self.noise.randn(shape, device)
 
     def fake_score_loss(self, traj: Rollout, cond: dict, fake: DenoiserFn) -> torch.Tensor:
         """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
         draw = self._draw(traj.states.shape[1], traj.states.device)
         _, x0, eps = traj.at(draw.k)
-        noise = torch.randn_like(x0)
+        noise = self.randn(x0.shape, x0.device)
         x_t, m = diffuse(self.path, x0, eps, draw.t_e, draw.t, noise)
         x0_fake, _ = fake(x_t, draw.t, cond)
         return self.fake_score_objective(x0_fake, x0, draw.t, m, noise)
@@ -62,7 +88,7 @@ class TDM:
         draw = self._draw(traj.states.shape[1], traj.states.device)
         state, _, _ = traj.at(draw.k)
         x0, eps = student(state, draw.t_g, cond)
-        noise = torch.randn_like(x0)
+        noise = self.randn(x0.shape, x0.device)
         with torch.no_grad():
             x_t, _ = diffuse(self.path, x0.detach(), eps.detach(), draw.t_e, draw.t, noise)
             x0_real = self.teacher_x0(teacher, x_t, draw.t, cond, uncond)

@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs through accelerate launch (seconds each)")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory):
+    """A tiny real PixArt-α pipeline folder (real diffusers/transformers classes, local tokenizer)."""
+    from tdm.tiny import build_tiny_pixart
+
+    return build_tiny_pixart(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_pixart):
+    import torch
+
+    from tdm.backbones import load_backbone
+
+    bb = load_backbone(tiny_pixart)
+    bb.load_text_encoders("cpu", torch.float32)
+    bb.load_vae("cpu", torch.float32)
+    return bb
+
+
+def run_script(args, cwd=None, timeout=600):
+    """Run a project script in a fresh interpreter; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(args, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(script_args, extra_launch=(), timeout=600):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16",
+           *extra_launch, os.path.join(ROOT, "train_tdm.py"), *script_args]
+    return run_script(cmd, timeout=timeout)

@@ -1,0 +1,99 @@
+"""train_tdm.py under `accelerate launch` on the tiny pipeline: upstream flags, resume, export, infer."""
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate_launch, run_script
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM_FLAGS = [
+    "--train_batch_size=2", "--gradient_accumulation_steps=1", "--gradient_checkpointing",
+    "--learning_rate=2e-05", "--max_grad_norm=1", "--enable_xformers_memory_efficient_attention",
+    "--use_8bit_adam", "--cfg", "4.5", "--total_steps", "900", "--lr_scheduler",
+    "cosine_with_restarts", "--lr_warmup_steps", "50", "--use_huber", "--use_separate",
+]
+
+
+def tiny_flags(model, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", model, "--output_dir", str(out), "--resolution", "32",
+            "--max_train_steps", str(steps), "--prompts", os.path.join(ROOT, "assets", "prompts.txt"),
+            "--seed", "0", *extra]
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_upstream_command_trains_resumes_exports_and_samples(tiny_pixart, tmp_path):
+    out = tmp_path / "run"
+    first = check(accelerate_launch(tiny_flags(tiny_pixart, out, 2, *UPSTREAM_FLAGS,
+                                               "--checkpointing_steps", "2", "--validation_steps", "2")))
+    if "xformers" not in sys.modules:
+        warnings = [l for l in first.stderr.splitlines() if "xformers is not installed" in l]
+        assert len(warnings) == 1
+    assert (out / "checkpoint-2" / "student.safetensors").is_file()
+    assert (out / "samples" / "step-000002.png").is_file()
+    assert (out / "config.yaml").is_file()
+
+    second = check(accelerate_launch(tiny_flags(tiny_pixart, out, 4, *UPSTREAM_FLAGS,
+                                                "--checkpointing_steps", "2", "--validation_steps", "2",
+                                                "--resume_from_checkpoint", "latest")))
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in second.stderr
+    assert (out / "checkpoint-4").is_dir() and (out / "samples" / "step-000004.png").is_file()
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
+
+    image = tmp_path / "compare.png"
+    check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
+                      "--prompt", "a red cat", "--prompt", "a blue boat", "--teacher_steps", "4",
+                      "--output", str(image)]))
+    width, height = Image.open(image).size
+    assert height == 2 * 32 and width > 2 * 32     # two rows (student, teacher), label band
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_continues_exactly(tiny_pixart, tmp_path, mode):
+    """2 steps + resume + 2 steps == 4 steps straight: step, both optimisers, scheduler, RNG, data."""
+    common = ["--train_mode", mode, "--lr_scheduler", "constant", "--checkpointing_steps", "2",
+              "--validation_steps", "0", "--lora_rank", "4", "--learning_rate", "1e-3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    no_amp = ["--mixed_precision", "no"]
+    check(accelerate_launch(tiny_flags(tiny_pixart, straight, 4, *common, *no_amp)))
+    check(accelerate_launch(tiny_flags(tiny_pixart, split, 2, *common, *no_amp)))
+    check(accelerate_launch(tiny_flags(tiny_pixart, split, 4, *common, *no_amp,
+                                       "--resume_from_checkpoint", "latest")))
+    for name in ("student", "fake_score"):
+        a = load_file(str(straight / "checkpoint-4" / f"{name}.safetensors"))
+        b = load_file(str(split / "checkpoint-4" / f"{name}.safetensors"))
+        initial = load_file(str(split / "checkpoint-2" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+        assert any(not torch.equal(a[k], initial[k]) for k in a)   # it did train in between
+    if mode == "full":
+        from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+        student = PixArtTransformer2DModel.from_pretrained(str(straight / "transformer"))
+        pipe = PixArtAlphaPipeline.from_pretrained(tiny_pixart, transformer=student)
+        image = pipe("a red cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                     use_resolution_binning=False, output_type="np").images
+        assert image.shape == (1, 32, 32, 3)
+
+
+def test_config_file_supplies_defaults_and_the_command_line_wins(tiny_pixart, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"pretrained_model_name_or_path: {tiny_pixart}\nresolution: 32\n"
+                      "max_train_steps: 1\ntrain_batch_size: 4\ncfg: 3.0\nvalidation_steps: 0\n")
+    out = tmp_path / "run"
+    check(accelerate_launch(["--config", str(config), "--output_dir", str(out), "--cfg", "2.0"]))
+    import yaml
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train_batch_size"] == 4 and resolved["cfg"] == 2.0
+    assert resolved["timesteps"] == [899, 674, 449, 224]
