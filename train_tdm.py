@@ -187,7 +187,7 @@ def main(args):
 
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
     backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
-                             args.variant)
+                             args.variant, args.backbone_options)
     backbone.check_resolution(args.resolution)
     if grid.timesteps[0] >= backbone.path.num_timesteps:
         raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "

@@ -26,6 +26,15 @@ def int_list(text) -> List[int]:
     return [int(v) for v in str(text).replace(" ", "").split(",") if v]
 
 
+def yaml_mapping(text):
+    if text is None or isinstance(text, dict):
+        return text
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Trajectory Distribution Matching: distil a diffusion "
                                 "model into a few-step student from prompts alone.")
@@ -37,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
     g.add_argument("--backbone", default="auto", help="Backbone adapter; auto reads model_index.json.")
+    g.add_argument("--backbone_options", type=yaml_mapping, default=None,
+                   help="Adapter-specific options as a YAML/JSON mapping (e.g. the toy mixture).")
     g.add_argument("--train_mode", choices=["lora", "full"], default="lora")
     g.add_argument("--lora_rank", type=int, default=64)
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")

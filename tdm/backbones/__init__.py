@@ -38,8 +38,9 @@ def backbone_class(name: str, model_path: str, revision: Optional[str] = None):
 
 
 def load_backbone(model_path: str, name: str = "auto", revision: Optional[str] = None,
-                  variant: Optional[str] = None) -> Backbone:
-    return backbone_class(name, model_path, revision)(model_path, revision=revision, variant=variant)
+                  variant: Optional[str] = None, options: Optional[dict] = None) -> Backbone:
+    cls = backbone_class(name, model_path, revision)
+    return cls(model_path, revision=revision, variant=variant, options=options)
 
 
 __all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "pipeline_class_name"]

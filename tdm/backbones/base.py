@@ -23,10 +23,11 @@ class Backbone:
     lora_target_modules: List[str] = []
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None):
+                 variant: Optional[str] = None, options: Optional[dict] = None):
         self.model_path = model_path
         self.revision = revision
         self.variant = variant
+        self.options = dict(options or {})   # --backbone_options
         self.path: GaussianPath = None
 
     # -- models ---------------------------------------------------------------------------

@@ -30,8 +30,8 @@ class PixArtBackbone(Backbone):
     max_sequence_length = 120
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None):
-        super().__init__(model_path, revision, variant)
+                 variant: Optional[str] = None, options: Optional[dict] = None):
+        super().__init__(model_path, revision, variant, options)
         from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
 
         kw = self._load_kwargs()
