@@ -84,6 +84,11 @@ def test_resume_continues_exactly(tiny_pixart, tmp_path, mode):
         image = pipe("a red cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
                      use_resolution_binning=False, output_type="np").images
         assert image.shape == (1, 32, 32, 3)
+        grid = tmp_path / "full.png"
+        check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights",
+                          str(straight), "--prompt", "a red cat", "--teacher_steps", "2",
+                          "--output", str(grid)]))
+        assert Image.open(grid).size[1] == 2 * 32
 
 
 def test_config_file_supplies_defaults_and_the_command_line_wins(tiny_pixart, tmp_path):

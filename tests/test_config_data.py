@@ -1,0 +1,96 @@
+"""Flags, YAML configs and prompt sources."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+from tdm.config import UsageError, parse_args, step_timesteps
+from tdm.data import load_prompts
+
+
+def test_upstream_flags_parse_with_their_meaning():
+    args = parse_args(["--train_batch_size=3", "--gradient_accumulation_steps=1", "--gradient_checkpointing",
+                       "--max_train_steps=10001", "--learning_rate=2e-05", "--max_grad_norm=1",
+                       "--enable_xformers_memory_efficient_attention", "--use_8bit_adam", "--cfg", "4.5",
+                       "--total_steps", "900", "--lr_scheduler", "cosine_with_restarts",
+                       "--lr_warmup_steps", "50", "--use_huber", "--use_separate"])
+    assert args.train_batch_size == 3 and args.max_train_steps == 10001 and args.cfg == 4.5
+    assert args.loss == "huber" and args.use_separate and not args.use_randmid
+    assert step_timesteps(args) == [899, 674, 449, 224]
+    assert args.train_mode == "lora" and args.lora_alpha == args.lora_rank
+
+
+def test_explicit_timesteps_override_total_steps():
+    args = parse_args(["--timesteps", "999,856,665,399", "--total_steps", "900"])
+    assert step_timesteps(args) == [999, 856, 665, 399] and args.num_steps == 4
+    with pytest.raises(UsageError, match="strictly decreasing"):
+        parse_args(["--timesteps", "399,665"])
+    with pytest.raises(UsageError, match="--num_steps is 3"):
+        parse_args(["--timesteps", "999,856,665,399", "--num_steps", "3"])
+    with pytest.raises(UsageError, match="--cfg must be > 0"):
+        parse_args(["--cfg", "0"])
+
+
+def test_yaml_config_and_command_line_precedence(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("cfg: 3.5\nlearning_rate: 1.0e-4\nuse_separate: true\ntimesteps: [999, 500]\n")
+    args = parse_args(["--config", str(config), "--cfg", "2"])
+    assert args.cfg == 2.0 and args.learning_rate == 1e-4 and args.use_separate
+    assert step_timesteps(args) == [999, 500] and args.num_steps == 2
+    config.write_text("learnig_rate: 1.0\n")
+    with pytest.raises(UsageError, match="did you mean 'learning_rate'"):
+        parse_args(["--config", str(config)])
+
+
+def test_every_shipped_config_parses():
+    folder = os.path.join(ROOT, "configs")
+    names = [n for n in os.listdir(folder) if n.endswith(".yaml")]
+    assert names
+    for name in names:
+        parse_args(["--config", os.path.join(folder, name)])
+
+
+def test_prompt_sources(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\n  a dog  \n")
+    assert load_prompts(str(txt)) == ["a cat", "a dog"]
+    rows = [{"id": 1, "caption": "a fox"}, {"id": 2, "caption": "a boat"}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_prompts(str(jsonl)) == ["a fox", "a boat"]
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,text,other\n1,a red car,x\n2,a green tree,y\n")
+    assert load_prompts(str(csv), "text") == ["a red car", "a green tree"]
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"prompt": ["one", "two", " "]})
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    assert load_prompts(str(tmp_path / "p.parquet")) == ["one", "two"]
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_prompts(str(tmp_path / "saved")) == ["one", "two"]
+
+
+def test_prompt_errors_name_the_problem(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n")
+    with pytest.raises(UsageError, match="no non-blank prompt"):
+        load_prompts(str(blank))
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,body\n1,a red car\n")
+    with pytest.raises(UsageError, match="its columns are: id, body"):
+        load_prompts(str(csv), "caption")
+    with pytest.raises(UsageError, match="pass --caption_column, one of: id, body"):
+        load_prompts(str(csv))
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script([sys.executable, os.path.join(ROOT, "train_tdm.py"), "--prompts",
+                       str(tmp_path / "nope.txt"), "--output_dir", str(out)])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --prompts {tmp_path / 'nope.txt'}: no such file or folder"]
+    assert not out.exists()
