@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     width = args.width or height
 
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device)
+    if config.get("max_sequence_length"):
+        backbone.max_sequence_length = config["max_sequence_length"]
     teacher_scheduler = pipe.scheduler
     timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
     images = sample_student(pipe, backbone, prompts, timesteps,

@@ -189,6 +189,8 @@ def main(args):
     backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                              args.variant, args.backbone_options)
     backbone.check_resolution(args.resolution)
+    if args.max_sequence_length:
+        backbone.max_sequence_length = args.max_sequence_length
     if grid.timesteps[0] >= backbone.path.num_timesteps:
         raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
                          f"scheduler's range 0..{backbone.path.num_timesteps - 1}")

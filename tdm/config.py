@@ -43,16 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL,
                    help="Teacher pipeline: hub id or local diffusers folder.")
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None)
+    g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
+    g.add_argument("--variant", default=None, help="Weight variant of the teacher, e.g. fp16.")
     g.add_argument("--backbone", default="auto", help="Backbone adapter; auto reads model_index.json.")
     g.add_argument("--backbone_options", type=yaml_mapping, default=None,
                    help="Adapter-specific options as a YAML/JSON mapping (e.g. the toy mixture).")
-    g.add_argument("--train_mode", choices=["lora", "full"], default="lora")
-    g.add_argument("--lora_rank", type=int, default=64)
+    g.add_argument("--train_mode", choices=["lora", "full"], default="lora",
+                   help="lora: student and fake score are LoRAs on the frozen teacher; full: "
+                   "full copies initialised from the teacher (the demo).")
+    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of student and fake score.")
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in backward to save memory.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use xformers attention if installed (else a warning and PyTorch SDPA).")
     g = p.add_argument_group("TDM")
     g.add_argument("--num_steps", type=int, default=4, help="K, the student's number of steps.")
     g.add_argument("--total_steps", type=int, default=900,
@@ -67,49 +71,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=["mse", "huber", "huber_norm"], default=None,
                    help="Generator loss; default mse, or huber with --use_huber. huber_norm is "
                    "the paper's norm-level pseudo-Huber.")
-    g.add_argument("--snr_gamma", type=float, default=5.0)
+    g.add_argument("--snr_gamma", type=float, default=5.0, help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
     g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),
                    help=".txt (one prompt a line), .jsonl/.json/.csv/.parquet, a dataset folder "
                    "or a datasets hub id.")
     g.add_argument("--caption_column", default=None,
                    help="Column of the prompts; default: the first of prompt, caption, text.")
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--max_sequence_length", type=int, default=None)
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--resolution", type=int, default=512, help="Image size of the student samples.")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Text tokens; default: the backbone's (PixArt: 120).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Prompt loader workers.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=500)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Iterations per optimiser step (both networks).")
+    g.add_argument("--max_train_steps", type=int, default=500,
+                   help="Optimiser steps (the paper: 500 for PixArt-α; the demo: 10001).")
     g.add_argument("--learning_rate", type=float, default=2e-5,
                    help="Fake-score lr; the generator's is learning_rate / 5.")
-    g.add_argument("--generator_lr_ratio", type=float, default=0.2)
-    g.add_argument("--lr_scheduler", default="constant")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
-    g.add_argument("--adam_beta1", type=float, default=0.0)
-    g.add_argument("--adam_beta2", type=float, default=0.95)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--use_8bit_adam", action="store_true")
-    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--generator_lr_ratio", type=float, default=0.2,
+                   help="Generator lr = learning_rate × this (demo: 1/5).")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="diffusers get_scheduler name; applies to the generator only.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Generator LR warm-up steps.")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    g.add_argument("--adam_beta1", type=float, default=0.0, help="AdamW β1 of both optimisers.")
+    g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW β2 of both optimisers.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="Gradient clipping of the generator (0 disables).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for both.")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: as accelerate is configured.")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", default="tdm-output")
-    g.add_argument("--logging_dir", default="logs")
-    g.add_argument("--report_to", default="tensorboard")
-    g.add_argument("--tracker_project_name", default="tdm")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--output_dir", default="tdm-output",
+                   help="Checkpoints, samples/, logs, config.yaml and the exported student.")
+    g.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--tracker_project_name", default="tdm", help="Run name for the tracker.")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Save checkpoint-N/ every N steps (0 disables).")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep at most this many checkpoints (oldest deleted first).")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or `latest`.")
-    g.add_argument("--validation_steps", type=int, default=100)
+    g.add_argument("--validation_steps", type=int, default=100,
+                   help="Write a K-step sample grid every N steps (0 disables).")
     g.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="Default: the first four lines of assets/validation_prompts.txt.")
-    g.add_argument("--validation_seed", type=int, default=0)
+                   help="Prompts of the validation grid; default: the first four lines of "
+                   "assets/validation_prompts.txt.")
+    g.add_argument("--validation_seed", type=int, default=0, help="Seed of the validation noise.")
     return p
 
 

@@ -94,3 +94,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --prompts {tmp_path / 'nope.txt'}: no such file or folder"]
     assert not out.exists()
+
+
+def test_readme_documents_every_flag():
+    from tdm.config import build_parser
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    missing = [a.option_strings[0] for a in build_parser()._actions
+               if a.option_strings and a.dest != "help" and f"`{a.option_strings[0]}`" not in readme]
+    assert not missing, f"README flag table lacks {missing}; run scripts/flag_table.py"

@@ -21,6 +21,7 @@ class Backbone:
     lora_prefix: str = "transformer"              # key prefix of the diffusers LoRA format
     denoiser_subfolder: str = "transformer"       # where the denoiser lives in the pipeline folder
     lora_target_modules: List[str] = []
+    max_sequence_length: Optional[int] = None     # text tokens, where the family has a limit
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
                  variant: Optional[str] = None, options: Optional[dict] = None):

@@ -135,5 +135,6 @@ class PixArtBackbone(Backbone):
         return pipe
 
     def pipeline_kwargs(self) -> dict:
-        return {"use_resolution_binning": False, "clean_caption": False}
+        return {"use_resolution_binning": False, "clean_caption": False,
+                "max_sequence_length": self.max_sequence_length}
 
