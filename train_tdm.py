@@ -147,6 +147,16 @@ def export_student(accelerator, args, backbone, student_net):
 # main
 # ---------------------------------------------------------------------------------------------
 def main(args):
+    from tdm.trajectory import StepGrid
+
+    # Cheap checks first: bad input must not cost a model load (nor the heavy imports).
+    prompts = load_prompts(args.prompts, args.caption_column)
+    if args.validation_prompts is None:
+        args.validation_prompts = load_prompts(os.path.join(os.path.dirname(__file__), "assets",
+                                                            "validation_prompts.txt"))[:4]
+    grid = StepGrid(step_timesteps(args))
+    args.timesteps = grid.timesteps
+
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -156,15 +166,6 @@ def main(args):
     from tdm.checkpoint import checkpoint_step, latest_checkpoint
     from tdm.conditions import expand_condition
     from tdm.method import TDM, NoiseGenerator, TDMConfig
-    from tdm.trajectory import StepGrid
-
-    # Cheap checks first: bad input must not cost a model load.
-    prompts = load_prompts(args.prompts, args.caption_column)
-    if args.validation_prompts is None:
-        args.validation_prompts = load_prompts(os.path.join(os.path.dirname(__file__), "assets",
-                                                            "validation_prompts.txt"))[:4]
-    grid = StepGrid(step_timesteps(args))
-    args.timesteps = grid.timesteps
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
