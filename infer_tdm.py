@@ -61,12 +61,10 @@ def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], gen
                    guidance_scale: float = 1.0, height: Optional[int] = None,
                    width: Optional[int] = None, latents=None, output_type: str = "pil"):
     """K-step sampling with the stock pipeline on the training grid (TDM_SPEC §7)."""
-    from tdm.sampling import exact_grid_scheduler
-
-    pipe.scheduler = exact_grid_scheduler(pipe.scheduler.config)
-    return pipe(prompt=prompts, timesteps=timesteps, guidance_scale=guidance_scale,
-                generator=generator, height=height, width=width, latents=latents,
-                output_type=output_type, **backbone.pipeline_kwargs())
+    grid_kwargs = backbone.use_training_grid(pipe, timesteps)
+    return pipe(prompt=prompts, guidance_scale=guidance_scale, generator=generator, height=height,
+                width=width, latents=latents, output_type=output_type, **grid_kwargs,
+                **backbone.pipeline_kwargs())
 
 
 @contextlib.contextmanager

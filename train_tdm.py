@@ -112,7 +112,8 @@ def log_validation(accelerator, args, backbone, tdm, student_net, global_step):
     prompts = args.validation_prompts
     cond = backbone.encode_prompts(prompts)
     generator = torch.Generator().manual_seed(args.validation_seed)
-    noise = torch.randn((len(prompts), *backbone.latent_shape(args.resolution)), generator=generator)
+    shape = (len(prompts), *backbone.latent_shape(args.resolution, args.num_frames))
+    noise = torch.randn(shape, generator=generator)
     with accelerator.autocast():
         latents = tdm.rollout(student, noise.to(accelerator.device), cond).sample
     grid = image_grid(to_pil(backbone.decode(latents)), rows=1)
@@ -253,7 +254,7 @@ def main(args):
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
                     disable=not accelerator.is_local_main_process)
-    latent_shape = backbone.latent_shape(args.resolution)
+    latent_shape = backbone.latent_shape(args.resolution, args.num_frames)
     for epoch in range(first_epoch, sys.maxsize):
         if global_step >= args.max_train_steps:
             break

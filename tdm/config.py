@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption_column", default=None,
                    help="Column of the prompts; default: the first of prompt, caption, text.")
     g.add_argument("--resolution", type=int, default=512, help="Image size of the student samples.")
+    g.add_argument("--num_frames", type=int, default=None,
+                   help="Frames of a video sample (video backbones); default: the backbone's.")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="Text tokens; default: the backbone's (PixArt: 120).")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Prompt loader workers.")

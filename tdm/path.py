@@ -56,6 +56,8 @@ class GaussianPath:
         epsilon:       ε̂ = out,            x̂0 = (x_t - σ ε̂) / α
         sample:        x̂0 = out,           ε̂ = (x_t - α x̂0) / σ
         v_prediction:  x̂0 = α x_t - σ v,   ε̂ = σ x_t + α v
+        flow (rectified flow, α = 1 − σ, velocity v = ε − x0):
+                       x̂0 = x_t - σ v,     ε̂ = x_t + α v
         """
         alpha, sigma = self.alpha_sigma(t, x_t.ndim)
         out = model_output.float()
@@ -66,6 +68,8 @@ class GaussianPath:
             return out, (x_t - alpha * out) / sigma
         if prediction_type == "v_prediction":
             return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+        if prediction_type == "flow":
+            return x_t - sigma * out, x_t + alpha * out
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
     def ddim_move(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

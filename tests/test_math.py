@@ -42,6 +42,18 @@ def test_x0_eps_conversions_recover_the_truth(path, prediction_type):
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
 
 
+def test_flow_conversion_recovers_the_truth():
+    """Rectified flow: α = 1 − σ, the network predicts v = ε − x0 (TDM_SPEC §1, SD3)."""
+    sigma = torch.linspace(0.001, 0.999, 1000, dtype=torch.float64)
+    flow = GaussianPath(1 - sigma, sigma)
+    x0, eps = torch.randn(2, 3), torch.randn(2, 3)
+    t = torch.tensor([10, 900])
+    a, s = flow.alpha_sigma(t, 2)
+    x0_hat, eps_hat = flow.x0_eps(eps - x0, a * x0 + s * eps, t, "flow")
+    torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
+
+
 def test_step_grid():
     assert StepGrid.uniform(4, 900).timesteps == [899, 674, 449, 224]
     assert StepGrid.uniform(4, 1000).timesteps == [999, 749, 499, 249]

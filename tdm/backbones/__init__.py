@@ -1,14 +1,29 @@
 """Backbone adapters, one per model family; `load_backbone` picks one from model_index.json."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 from typing import Optional
 
 from .base import Backbone, Denoiser
-from .pixart import PixArtBackbone
 
-BACKBONES = {cls.name: cls for cls in (PixArtBackbone,)}
+
+def _discover() -> dict:
+    """Every Backbone subclass with a name in this package: a new family is one new file."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    found, todo = {}, list(Backbone.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.name:
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+BACKBONES = _discover()
 
 
 def pipeline_class_name(model_path: str, revision: Optional[str] = None) -> str:

@@ -47,7 +47,8 @@ class Backbone:
     def encode_prompts(self, prompts: List[str]) -> dict:
         raise NotImplementedError
 
-    def latent_shape(self, resolution: int) -> tuple:
+    def latent_shape(self, resolution: int, num_frames: Optional[int] = None) -> tuple:
+        """Shape of one sample's latent, without the batch dimension."""
         raise NotImplementedError
 
     def check_resolution(self, resolution: int) -> None:
@@ -71,6 +72,15 @@ class Backbone:
     def load_pipeline(self, dtype, weights: Optional[str] = None, lora_scale: float = 1.0):
         """A stock diffusers pipeline of the teacher with the student applied."""
         raise NotImplementedError
+
+    def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
+        """Give `pipe` a stock scheduler that reproduces the training rollout on `timesteps`
+        (TDM_SPEC §7) and return the pipeline-call arguments that select the grid. DDPM family:
+        first-order DPM-Solver++, which is the DDIM update of §2."""
+        from ..sampling import exact_grid_scheduler
+
+        pipe.scheduler = exact_grid_scheduler(pipe.scheduler.config)
+        return {"timesteps": list(timesteps)}
 
     def pipeline_kwargs(self) -> dict:
         """Extra arguments for the pipeline's __call__ (e.g. switches of one family)."""

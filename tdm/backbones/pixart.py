@@ -84,7 +84,7 @@ class PixArtBackbone(Backbone):
             max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
-    def latent_shape(self, resolution: int) -> tuple:
+    def latent_shape(self, resolution: int, num_frames=None) -> tuple:
         size = resolution // self.vae_scale_factor
         return (self.transformer_config["in_channels"], size, size)
 

@@ -1,20 +1,12 @@
-"""Build a tiny but real PixArt-alpha diffusers pipeline for fast CPU tests.
-
-All components are the real diffusers / transformers classes with very small
-configurations; the folder written by :func:`build_tiny_pixart` loads with
-``PixArtAlphaPipeline.from_pretrained(path)``. Images are 32x32 pixels; the
-latent is 4 x 16 x 16 (VAE scale factor 2).
-"""
+"""Shared pieces of the tiny test pipelines: a prompt corpus, a T5 tokenizer trained on it
+locally, and weight initialisation that keeps tiny models input-dependent."""
 
 from __future__ import annotations
 
 import json
-import os
 import string
 
 import torch
-
-__all__ = ["build_tiny_pixart", "TINY_PROMPTS"]
 
 TINY_PROMPTS = [
     "a red cat sitting on a chair.",
@@ -55,32 +47,8 @@ TINY_PROMPTS = [
     "a train crossing a bridge over a valley",
 ]
 
-# Real PixArt-alpha (PixArt-XL-2-512x512) scheduler_config.json values.
-PIXART_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
-    solver_order=2,
-    prediction_type="epsilon",
-    thresholding=False,
-    dynamic_thresholding_ratio=0.995,
-    sample_max_value=1.0,
-    algorithm_type="dpmsolver++",
-    solver_type="midpoint",
-    lower_order_final=True,
-    euler_at_final=False,
-    use_karras_sigmas=False,
-    use_lu_lambdas=False,
-    lambda_min_clipped=-float("inf"),
-    variance_type=None,
-    timestep_spacing="linspace",
-    steps_offset=0,
-)
 
-
-def _build_tokenizer():
+def build_t5_tokenizer(model_max_length: int = 120):
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
     from tokenizers.models import Unigram
     from transformers import T5TokenizerFast
@@ -137,12 +105,12 @@ def _build_tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         extra_ids=0,
-        model_max_length=120,
+        model_max_length=model_max_length,
     )
     return tokenizer
 
 
-def _reinit_zero_weights(module: torch.nn.Module, std: float = 0.02) -> list[str]:
+def reinit_zero_weights(module: torch.nn.Module, std: float = 0.02) -> list[str]:
     """Give every all-zero weight (ndim >= 2 or scale/shift tables) small random values."""
     names = []
     with torch.no_grad():
@@ -151,99 +119,3 @@ def _reinit_zero_weights(module: torch.nn.Module, std: float = 0.02) -> list[str
                 p.normal_(0.0, std)
                 names.append(name)
     return names
-
-
-def build_tiny_pixart(path: str, seed: int = 0) -> str:
-    """Build a tiny real ``PixArtAlphaPipeline`` with fixed random weights and save it to ``path``.
-
-    Components: T5 tokenizer (Unigram trained on ``TINY_PROMPTS``), 2-layer ``T5EncoderModel``
-    (d_model 32), 2-block ``AutoencoderKL`` (scale factor 2, 4 latent channels), 2-layer
-    ``PixArtTransformer2DModel`` (sample_size 16, learned sigma: out_channels 8) and a
-    ``DPMSolverMultistepScheduler`` with the PixArt-alpha 512 config. Returns ``path``.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        PixArtAlphaPipeline,
-        PixArtTransformer2DModel,
-    )
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = _build_tokenizer()
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        t5_config = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # t5-v1_1 style
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            initializer_factor=1.0,
-        )
-        text_encoder = T5EncoderModel(t5_config).eval()
-
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            act_fn="silu",
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.18215,
-        ).eval()
-
-        torch.manual_seed(seed + 2)
-        transformer = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            dropout=0.0,
-            norm_num_groups=32,
-            cross_attention_dim=16,
-            attention_bias=True,
-            sample_size=16,
-            patch_size=2,
-            activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000,
-            upcast_attention=False,
-            norm_type="ada_norm_single",
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-            interpolation_scale=None,
-            use_additional_conditions=None,
-            caption_channels=t5_config.d_model,
-            attention_type="default",
-        )
-        _reinit_zero_weights(transformer)
-        transformer.eval()
-
-    scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
-
-    pipe = PixArtAlphaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=scheduler,
-    )
-    os.makedirs(path, exist_ok=True)
-    pipe.save_pretrained(path)
-    return path
