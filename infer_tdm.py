@@ -33,11 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=int, default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Explicit grid; default: the training grid (or k·T/K − 1).")
+    p.add_argument("--sampler", choices=["grid", "upstream"], default="grid",
+                   help="grid: the exact training rollout on the student's grid; upstream: the "
+                   "sampler of the family's published TDM snippet (DPM-Solver++ multistep).")
+    p.add_argument("--flow_shift", type=float, default=None,
+                   help="Flow shift of the upstream DPM-Solver for rectified-flow models (1–6).")
+    p.add_argument("--num_frames", type=int, default=None, help="Video backbones: frames.")
+    p.add_argument("--fps", type=int, default=8, help="Video backbones: frames per second.")
     p.add_argument("--guidance_scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--output", default="tdm.png", help="PNG; a grid for several prompts.")
+    p.add_argument("--output", default="tdm.png",
+                   help="PNG, a grid for several prompts; video backbones: .mp4 (or .gif), one "
+                   "file per prompt and sampler when there are several.")
     p.add_argument("--teacher_steps", type=int, default=None,
                    help="Also render the teacher with this many steps, in the same grid.")
     p.add_argument("--teacher_guidance", type=float, default=4.5)
@@ -47,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device):
-    """(pipeline with the student applied, its backbone adapter, the teacher's own scheduler)."""
+def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
+                     backbone_name: str = "auto", backbone_options: Optional[dict] = None):
+    """(stock pipeline of the teacher with the student applied, its backbone adapter)."""
     from tdm.backbones import load_backbone
 
-    backbone = load_backbone(model_path)
+    backbone = load_backbone(model_path, backbone_name, options=backbone_options)
     pipe = backbone.load_pipeline(dtype, weights, lora_scale).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, backbone
@@ -59,12 +69,18 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device)
 
 def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], generator=None,
                    guidance_scale: float = 1.0, height: Optional[int] = None,
-                   width: Optional[int] = None, latents=None, output_type: str = "pil"):
-    """K-step sampling with the stock pipeline on the training grid (TDM_SPEC §7)."""
-    grid_kwargs = backbone.use_training_grid(pipe, timesteps)
+                   width: Optional[int] = None, latents=None, output_type: str = "pil",
+                   sampler: str = "grid", flow_shift: Optional[float] = None,
+                   num_frames: Optional[int] = None):
+    """K-step sampling with the stock pipeline: on the training grid (TDM_SPEC §7), or with the
+    sampler of the family's published snippet."""
+    if sampler == "grid":
+        sampler_kwargs = backbone.use_training_grid(pipe, timesteps)
+    else:
+        sampler_kwargs = backbone.use_upstream_sampler(pipe, len(timesteps), flow_shift)
     return pipe(prompt=prompts, guidance_scale=guidance_scale, generator=generator, height=height,
-                width=width, latents=latents, output_type=output_type, **grid_kwargs,
-                **backbone.pipeline_kwargs())
+                width=width, latents=latents, output_type=output_type, **sampler_kwargs,
+                **backbone.pipeline_kwargs(num_frames))
 
 
 @contextlib.contextmanager
@@ -113,29 +129,55 @@ def main(argv=None) -> int:
     height = args.height or config.get("resolution")
     width = args.width or height
 
-    pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device)
+    pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
+                                      config.get("backbone", "auto"), config.get("backbone_options"))
     if config.get("max_sequence_length"):
         backbone.max_sequence_length = config["max_sequence_length"]
+    num_frames = args.num_frames or config.get("num_frames")
     teacher_scheduler = pipe.scheduler
     timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
-    images = sample_student(pipe, backbone, prompts, timesteps,
-                            torch.Generator(device="cpu").manual_seed(args.seed),
-                            args.guidance_scale, height, width).images
+    seed = lambda: torch.Generator(device="cpu").manual_seed(args.seed)  # noqa: E731
+    results = [sample_student(pipe, backbone, prompts, timesteps, seed(), args.guidance_scale,
+                              height, width, sampler=args.sampler, flow_shift=args.flow_shift,
+                              num_frames=num_frames)]
     labels = [f"TDM {len(timesteps)} steps"]
     if args.teacher_steps:
         with as_teacher(pipe, backbone, weights, teacher_scheduler, dtype) as teacher:
-            images += teacher(prompt=prompts, num_inference_steps=args.teacher_steps,
-                              guidance_scale=args.teacher_guidance, height=height, width=width,
-                              generator=torch.Generator(device="cpu").manual_seed(args.seed),
-                              **backbone.pipeline_kwargs()).images
+            results.append(teacher(prompt=prompts, num_inference_steps=args.teacher_steps,
+                                   guidance_scale=args.teacher_guidance, height=height, width=width,
+                                   generator=seed(), **backbone.pipeline_kwargs(num_frames)))
         labels.append(f"teacher {args.teacher_steps} steps, cfg {args.teacher_guidance:g}")
-    rows = len(labels)
-    grid = image_grid(images, rows=rows, row_labels=labels if rows > 1 else None)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    if backbone.is_video:
+        written = save_videos([r.frames for r in results], ["tdm", "teacher"], args.output, args.fps)
+        print(f"wrote {', '.join(written)} (student timesteps {timesteps})")
+        return 0
+    images = [image for r in results for image in r.images]
+    grid = image_grid(images, rows=len(labels), row_labels=labels if len(labels) > 1 else None)
     grid.save(args.output)
     print(f"wrote {args.output} ({len(prompts)} prompt(s), student timesteps {timesteps})")
     return 0
 
+
+def save_videos(videos_per_sampler, names, output: str, fps: int) -> List[str]:
+    """One file per prompt and sampler: MP4 through diffusers' export_to_video, GIF when no
+    video encoder is installed (or when --output ends in .gif)."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    stem, ext = os.path.splitext(output)
+    several = len(videos_per_sampler) > 1 or len(videos_per_sampler[0]) > 1
+    written = []
+    for name, videos in zip(names, videos_per_sampler):
+        for i, frames in enumerate(videos):
+            path = f"{stem}-{name}-{i}{ext}" if several else output
+            if ext.lower() != ".gif":
+                try:
+                    written.append(export_to_video(frames, path, fps=fps))
+                    continue
+                except (ImportError, RuntimeError, OSError):
+                    path = os.path.splitext(path)[0] + ".gif"
+            written.append(export_to_gif(frames, path, fps=fps))
+    return written
 
 if __name__ == "__main__":
     sys.exit(main())

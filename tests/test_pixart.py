@@ -109,6 +109,17 @@ def test_stock_pipeline_reproduces_the_training_rollout(tiny_pixart, backbone):
     assert out.abs().max() > 0.1
 
 
+def test_upstream_sampler_runs_in_four_steps(tiny_pixart, backbone):
+    from infer_tdm import sample_student, student_pipeline
+
+    pipe, _ = student_pipeline(tiny_pixart, None, 1.0, torch.float32, "cpu")
+    out = sample_student(pipe, backbone, PROMPTS[:1], [899, 674, 449, 224], torch.manual_seed(0),
+                         height=32, width=32, output_type="np", sampler="upstream")
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.solver_order == 2 and len(pipe.scheduler.timesteps) == 4
+    assert out.images.shape == (1, 32, 32, 3)
+
+
 def test_lora_export_loads_into_the_stock_pipeline(tiny_pixart, backbone, tmp_path):
     from tdm.sampling import resolve_weights
 

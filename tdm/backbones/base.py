@@ -82,9 +82,19 @@ class Backbone:
         pipe.scheduler = exact_grid_scheduler(pipe.scheduler.config)
         return {"timesteps": list(timesteps)}
 
-    def pipeline_kwargs(self) -> dict:
-        """Extra arguments for the pipeline's __call__ (e.g. switches of one family)."""
+    def use_upstream_sampler(self, pipe, num_inference_steps: int, flow_shift: Optional[float] = None) -> dict:
+        """The sampler of the family's published TDM snippet (DDPM family: DPM-Solver++ multistep
+        with the model's scheduler config); returns the pipeline-call arguments."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        return {"num_inference_steps": num_inference_steps}
+
+    def pipeline_kwargs(self, num_frames: Optional[int] = None) -> dict:
+        """Extra arguments for the pipeline's __call__ (switches of one family, video frames)."""
         return {}
+
+    is_video: bool = False   # pipelines return `.frames` (lists of frames) instead of `.images`
 
 
 class Denoiser:

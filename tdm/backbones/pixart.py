@@ -134,7 +134,7 @@ class PixArtBackbone(Backbone):
             pipe.transformer.set_adapters(["tdm"], weights=[lora_scale])
         return pipe
 
-    def pipeline_kwargs(self) -> dict:
+    def pipeline_kwargs(self, num_frames=None) -> dict:
         return {"use_resolution_binning": False, "clean_caption": False,
                 "max_sequence_length": self.max_sequence_length}
 
