@@ -26,22 +26,6 @@ logger = logging.getLogger("tdm")
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
-def load_trainable_copy(args, backbone, weight_dtype):
-    """Student or fake score, initialised from the teacher: a full fp32 copy, or the frozen base
-    in the compute dtype with fp32 LoRA layers on it."""
-    from tdm.lora import attach_lora
-
-    if args.train_mode == "full":
-        net = backbone.load_denoiser(torch.float32).requires_grad_(True)
-    else:
-        net = backbone.load_denoiser(weight_dtype)
-        attach_lora(net, args.lora_rank, args.lora_alpha, backbone.lora_target_modules)
-    if args.gradient_checkpointing:
-        net.enable_gradient_checkpointing()
-    net.train()
-    return net
-
-
 def enable_xformers(nets, accelerator):
     try:
         import xformers  # noqa: F401
@@ -66,29 +50,33 @@ def make_optimizer(params, lr, args):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def register_checkpoint_hooks(accelerator, named_nets):
-    """Checkpoints hold only what trains (LoRA layers, or every weight in full mode)."""
-    from tdm.checkpoint import load_trainable, save_trainable
-
-    def name_of(model):
-        model = accelerator.unwrap_model(model)
-        return next(name for name, net in named_nets.items() if net is model)
+def register_checkpoint_hooks(accelerator, networks):
+    """Checkpoints hold only what trains (LoRA layers, or every weight in full mode), written
+    by the networks themselves; accelerate adds optimisers, scheduler, RNG and noise states."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                save_trainable(accelerator.unwrap_model(model),
-                               os.path.join(output_dir, f"{name_of(model)}.safetensors"))
-        weights.clear()   # nothing else to save: the default would store the frozen base too
+            networks.save(output_dir)
+        weights.clear()   # nothing else: the default would store the frozen base too
 
     def load_hook(models, input_dir):
-        while models:
-            model = models.pop()
-            load_trainable(accelerator.unwrap_model(model),
-                           os.path.join(input_dir, f"{name_of(model)}.safetensors"))
+        networks.load(input_dir)
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, lr_scheduler=None):
+    """Average gradients where DDP does not, clip, step (accelerate skips it while accumulating)."""
+    if accelerator.sync_gradients:
+        networks.reduce_gradients(accelerator, params)
+        if max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def save_checkpoint(accelerator, args, global_step):
@@ -102,12 +90,10 @@ def save_checkpoint(accelerator, args, global_step):
 
 
 @torch.no_grad()
-def log_validation(accelerator, args, backbone, tdm, student_net, global_step):
+def log_validation(accelerator, args, backbone, tdm, student, global_step):
     """A grid of the K-step student on fixed prompts and fixed noise (main process only, so the
-    network is called unwrapped: a DDP forward on one rank would wait for the others)."""
+    student is called unwrapped: a DDP forward on one rank would wait for the others)."""
     from tdm.images import image_grid, to_pil
-
-    student = backbone.denoiser(accelerator.unwrap_model(student_net))
 
     prompts = args.validation_prompts
     cond = backbone.encode_prompts(prompts)
@@ -129,19 +115,6 @@ def log_validation(accelerator, args, backbone, tdm, student_net, global_step):
             import wandb
 
             tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=global_step)
-
-
-def export_student(accelerator, args, backbone, student_net):
-    from tdm.lora import save_lora
-
-    net = accelerator.unwrap_model(student_net)
-    if args.train_mode == "lora":
-        path = save_lora(net, args.output_dir, backbone.lora_prefix)
-    else:
-        path = os.path.join(args.output_dir, backbone.denoiser_subfolder)
-        net.save_pretrained(path)
-    logger.info("exported the student to %s", path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +140,7 @@ def main(args):
     from tdm.checkpoint import checkpoint_step, latest_checkpoint
     from tdm.conditions import expand_condition
     from tdm.method import TDM, NoiseGenerator, TDMConfig
+    from tdm.networks import build_networks
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -196,21 +170,20 @@ def main(args):
     if grid.timesteps[0] >= backbone.path.num_timesteps:
         raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
                          f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
-    teacher_net = backbone.load_denoiser(weight_dtype).requires_grad_(False).eval()
-    teacher_net.to(accelerator.device)
-    student_net = load_trainable_copy(args, backbone, weight_dtype)
-    fake_net = load_trainable_copy(args, backbone, weight_dtype)
+    networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
+                              args.lora_alpha, args.gradient_checkpointing)
     if args.enable_xformers_memory_efficient_attention:
-        enable_xformers([teacher_net, student_net, fake_net], accelerator)
+        enable_xformers(networks.modules(), accelerator)
+    if args.torch_compile:
+        networks.compile()
     backbone.load_text_encoders(accelerator.device, weight_dtype)
     backbone.load_vae(accelerator.device, weight_dtype)
     backbone.path = backbone.path.to(accelerator.device)
     uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
 
     # Two AdamW optimisers; LR schedule and clipping on the generator only (TDM_SPEC §4–5).
-    trainable = lambda net: [p for p in net.parameters() if p.requires_grad]  # noqa: E731
-    fake_optimizer = make_optimizer(trainable(fake_net), args.learning_rate, args)
-    generator_optimizer = make_optimizer(trainable(student_net),
+    fake_optimizer = make_optimizer(networks.fake_params, args.learning_rate, args)
+    generator_optimizer = make_optimizer(networks.student_params,
                                          args.learning_rate * args.generator_lr_ratio, args)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=generator_optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -218,17 +191,16 @@ def main(args):
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
                                              drop_last=True, num_workers=args.dataloader_num_workers)
-    (student_net, fake_net, generator_optimizer, fake_optimizer, dataloader,
-     lr_scheduler) = accelerator.prepare(student_net, fake_net, generator_optimizer, fake_optimizer,
-                                         dataloader, lr_scheduler)
-    register_checkpoint_hooks(accelerator, {"student": accelerator.unwrap_model(student_net),
-                                            "fake_score": accelerator.unwrap_model(fake_net)})
-    teacher, student, fake = (backbone.denoiser(n) for n in (teacher_net, student_net, fake_net))
+    generator_optimizer, fake_optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        generator_optimizer, fake_optimizer, dataloader, lr_scheduler)
+    register_checkpoint_hooks(accelerator, networks)
     noise_generator = NoiseGenerator(accelerator.device, (args.seed or 0) + accelerator.process_index)
     accelerator.register_for_checkpointing(noise_generator)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
-                                             snr_gamma=args.snr_gamma), noise_generator)
+                                             snr_gamma=args.snr_gamma,
+                                             lazy_rollout=not args.full_rollout,
+                                             share_step_draw=args.share_step_draw), noise_generator)
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -265,22 +237,21 @@ def main(args):
             cond = backbone.encode_prompts(batch_prompts)
             batch = len(batch_prompts)
             noise = tdm.randn((batch, *latent_shape), accelerator.device)
-            with accelerator.accumulate(student_net, fake_net), accelerator.autocast():
-                trajectory = tdm.rollout(student, noise, cond)
+            with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
+                fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
+                trajectory = tdm.rollout(networks.student_eval, noise, cond,
+                                         tdm.rollout_depth(fake_draw, generator_draw))
                 # 1. fake score ψ on the student's trajectory (§4)
-                fake_loss = tdm.fake_score_loss(trajectory, cond, fake)
+                fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
                 accelerator.backward(fake_loss)
-                fake_optimizer.step()
-                fake_optimizer.zero_grad(set_to_none=True)
-                # 2. student θ, with a fresh draw and the updated ψ (§5)
+                step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
+                # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
                 generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
-                                                    student, teacher, fake)
+                                                    networks.student, networks.teacher,
+                                                    networks.fake_eval, generator_draw)
                 accelerator.backward(generator_loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable(student_net), args.max_grad_norm)
-                generator_optimizer.step()
-                lr_scheduler.step()
-                generator_optimizer.zero_grad(set_to_none=True)
+                step_optimizer(accelerator, networks, generator_optimizer, networks.student_params,
+                               args.max_grad_norm, lr_scheduler)
 
             if not accelerator.sync_gradients:
                 continue
@@ -296,13 +267,13 @@ def main(args):
                 save_checkpoint(accelerator, args, global_step)
             if accelerator.is_main_process and args.validation_steps and \
                     global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, backbone, tdm, student_net, global_step)
+                log_validation(accelerator, args, backbone, tdm, networks.student_eval, global_step)
             if global_step >= args.max_train_steps:
                 break
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export_student(accelerator, args, backbone, student_net)
+        logger.info("exported the student to %s", networks.export(args.output_dir, backbone))
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
     accelerator.end_training()
 

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in backward to save memory.")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the networks.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention if installed (else a warning and PyTorch SDPA).")
     g = p.add_argument_group("TDM")
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=["mse", "huber", "huber_norm"], default=None,
                    help="Generator loss; default mse, or huber with --use_huber. huber_norm is "
                    "the paper's norm-level pseudo-Huber.")
+    g.add_argument("--share_step_draw", action="store_true",
+                   help="One step index k per sample for both updates (shallower rollouts).")
+    g.add_argument("--full_rollout", action="store_true",
+                   help="Roll every sample out to the last step (reference for the lazy rollout).")
     g.add_argument("--snr_gamma", type=float, default=5.0, help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
     g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),

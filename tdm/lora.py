@@ -10,27 +10,32 @@ ADAPTER = "default"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def attach_lora(module: torch.nn.Module, rank: int, alpha: float, target_modules) -> LoraConfig:
-    """Freeze `module` and inject trainable LoRA layers (initialised so that ΔW = 0)."""
-    module.requires_grad_(False)
+def attach_lora(module: torch.nn.Module, rank: int, alpha: float, target_modules,
+                adapter_name: str = ADAPTER) -> LoraConfig:
+    """Freeze `module`'s own weights and inject a trainable LoRA adapter (ΔW = 0 at start).
+    Called again with another name, it adds a second adapter to the same layers."""
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                         target_modules=list(target_modules))
-    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, param in module.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
+        is_lora = "lora_" in name
+        param.requires_grad_(is_lora)
+        if is_lora:
             param.data = param.data.float()   # trainable weights stay in fp32
-    module.tdm_lora_config = config
+    if not hasattr(module, "tdm_lora_configs"):
+        module.tdm_lora_configs = {}
+    module.tdm_lora_configs[adapter_name] = config
     return config
 
 
-def save_lora(module: torch.nn.Module, save_directory: str, prefix: str) -> str:
+def save_lora(module: torch.nn.Module, save_directory: str, prefix: str,
+              adapter_name: str = ADAPTER) -> str:
     """Write `pytorch_lora_weights.safetensors` with keys `<prefix>.<module>.lora_A.weight` and the
     adapter config (rank, alpha, targets) in the header, as diffusers' loaders read it."""
     from diffusers.loaders.lora_base import LoraBaseMixin
 
-    layers = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-    metadata = module.tdm_lora_config.to_dict()
+    layers = get_peft_model_state_dict(module, adapter_name=adapter_name)
+    metadata = module.tdm_lora_configs[adapter_name].to_dict()
     LoraBaseMixin._save_lora_weights(save_directory=save_directory,
                                      lora_layers={prefix: layers},
                                      lora_metadata={prefix: metadata},

@@ -13,7 +13,8 @@ import torch
 from .conditions import cat_conditions
 from .losses import FakeScoreLoss, GeneratorLoss, classifier_free_guidance
 from .path import GaussianPath
-from .trajectory import DenoiserFn, Rollout, StepGrid, diffuse, rollout, sample_intervals
+from .trajectory import (DenoiserFn, Interval, Rollout, StepGrid, diffuse, rollout,
+                         sample_intervals)
 
 
 @dataclass
@@ -23,6 +24,8 @@ class TDMConfig:
     randmid: bool = False       # --use_randmid
     loss: str = "mse"           # mse | huber | huber_norm
     snr_gamma: float = 5.0
+    lazy_rollout: bool = True   # advance each sample only as deep as its draws need
+    share_step_draw: bool = False  # one k per sample for both updates
 
 
 class NoiseGenerator:
@@ -52,21 +55,38 @@ class TDM:
         self.fake_score_objective = FakeScoreLoss(path, config.snr_gamma)
         self.generator_objective = GeneratorLoss(config.loss)
 
-    def rollout(self, student: DenoiserFn, noise: torch.Tensor, cond: dict) -> Rollout:
-        return rollout(student, noise, cond, self.grid, self.path)
+    def draw(self, batch: int, device):
+        """(fake-score draw, generator draw) of (k, t_g, t_e, t) per sample (TDM_SPEC §3.1–3).
 
-    def _draw(self, batch: int, device):
-        return sample_intervals(self.grid, batch, device, self.config.separate, self.config.randmid,
-                                self.noise.generator if self.noise else None)
+        Both are drawn before the rollout so that it knows how deep each sample must go; they are
+        independent, as with the demo's fresh draw after the fake update. With share_step_draw
+        the generator reuses the fake draw's k (fresh t_e and t)."""
+        generator = self.noise.generator if self.noise else None
+        fake = sample_intervals(self.grid, batch, device, self.config.separate, self.config.randmid,
+                                generator)
+        gen = sample_intervals(self.grid, batch, device, self.config.separate, self.config.randmid,
+                               generator, k=fake.k if self.config.share_step_draw else None)
+        return fake, gen
+
+    def rollout_depth(self, fake: Interval, gen: Interval) -> Optional[torch.Tensor]:
+        """Steps each sample needs: the fake update reads the student's prediction AT step k_f
+        (K − k_f + 1 forwards), the generator update only the state BEFORE step k_g (K − k_g)."""
+        if not self.config.lazy_rollout:
+            return None
+        K = self.grid.num_steps
+        return torch.maximum(K - fake.k + 1, K - gen.k)
+
+    def rollout(self, student: DenoiserFn, noise: torch.Tensor, cond: dict,
+                depth: Optional[torch.Tensor] = None) -> Rollout:
+        return rollout(student, noise, cond, self.grid, self.path, depth)
 
     def randn(self, shape, device) -> torch.Tensor:
         if self.noise is None:
             return torch.randn(shape, device=device)
         return self.noise.randn(shape, device)
 
-    def fake_score_loss(self, traj: Rollout, cond: dict, fake: DenoiserFn) -> torch.Tensor:
+    def fake_score_loss(self, traj: Rollout, cond: dict, fake: DenoiserFn, draw: Interval) -> torch.Tensor:
         """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
-        draw = self._draw(traj.states.shape[1], traj.states.device)
         _, x0, eps = traj.at(draw.k)
         noise = self.randn(x0.shape, x0.device)
         x_t, m = diffuse(self.path, x0, eps, draw.t_e, draw.t, noise)
@@ -83,9 +103,8 @@ class TDM:
         return classifier_free_guidance(x0_cond, x0_uncond, self.config.cfg)
 
     def generator_loss(self, traj: Rollout, cond: dict, uncond: dict, student: DenoiserFn,
-                       teacher: DenoiserFn, fake: DenoiserFn) -> torch.Tensor:
-        """§5. A fresh draw; gradient reaches θ only through x̂0 of the one student step."""
-        draw = self._draw(traj.states.shape[1], traj.states.device)
+                       teacher: DenoiserFn, fake: DenoiserFn, draw: Interval) -> torch.Tensor:
+        """§5. The gradient reaches θ only through x̂0 of the one student step at draw.k."""
         state, _, _ = traj.at(draw.k)
         x0, eps = student(state, draw.t_g, cond)
         noise = self.randn(x0.shape, x0.device)

@@ -67,24 +67,36 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid,
-            path: GaussianPath) -> Rollout:
+            path: GaussianPath, depth: Optional[torch.Tensor] = None) -> Rollout:
     """Deterministic K-step sampling from pure noise placed at τ_K (TDM_SPEC §2).
 
     x ← α_{τ_{k-1}} x̂0 + σ_{τ_{k-1}} ε̂ between steps; the student uses no CFG.
+    `depth` (per sample, 0..K) stops each sample after that many student steps: rows that are
+    done leave the batch, so no forward is spent on steps nobody reads. States are kept up to
+    the input of step K − depth; predictions past a sample's depth are left zero.
     """
-    batch = noise.shape[0]
-    states, x0s, epss = [], [], []
-    x = noise
-    for k in range(grid.num_steps, 0, -1):
-        t = grid.tau(torch.full((batch,), k, device=noise.device, dtype=torch.long))
-        x0, eps = student(x, t, cond)
-        states.append(x)
-        x0s.append(x0)
-        epss.append(eps)
+    from .conditions import select_condition
+
+    batch, K = noise.shape[0], grid.num_steps
+    states = torch.zeros((K, *noise.shape), device=noise.device, dtype=torch.float32)
+    x0s, epss = torch.zeros_like(states), torch.zeros_like(states)
+    x = noise.float().clone()
+    for k in range(K, 0, -1):
+        states[k - 1] = x   # every sample that got this far: also those that stop before step k
+        rows = None if depth is None else torch.nonzero(depth >= K - k + 1).squeeze(1)
+        if rows is not None and rows.numel() == batch:
+            rows = None
+        if rows is not None and rows.numel() == 0:
+            break
+        x_in = x if rows is None else x[rows]
+        c_in = cond if rows is None else select_condition(cond, rows)
+        t = grid.tau(torch.full((x_in.shape[0],), k, device=noise.device, dtype=torch.long))
+        x0, eps = student(x_in, t, c_in)
+        target = slice(None) if rows is None else rows
+        x0s[k - 1, target], epss[k - 1, target] = x0, eps
         if k > 1:
-            x = path.ddim_move(x0, eps, grid.tau(torch.full_like(t, k - 1)))
-    # Stored last-step-first; flip so that index k-1 is step k.
-    return Rollout(torch.stack(states[::-1]), torch.stack(x0s[::-1]), torch.stack(epss[::-1]))
+            x[target] = path.ddim_move(x0, eps, grid.tau(torch.full_like(t, k - 1)))
+    return Rollout(states, x0s, epss)
 
 
 @dataclass
@@ -105,14 +117,17 @@ def _uniform_int(low: torch.Tensor, high: torch.Tensor, generator=None) -> torch
 
 
 def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid: bool,
-                     generator: Optional[torch.Generator] = None) -> Interval:
+                     generator: Optional[torch.Generator] = None,
+                     k: Optional[torch.Tensor] = None) -> Interval:
     """Draw (k, t_g, t_e, t) per sample (TDM_SPEC §3.1–3).
 
     k ~ U{1..K}; t_g = τ_k; t_e = τ_{k-1} + 1 (0 for the last step);
     randmid: t_e ~ U[t_e, t_g − 20);
     separate (mode 1): t ~ U[max(20, t_e), t_g − 10); mode 2: t ~ U[max(20, t_e), T − 10).
+    A given `k` is kept (one step draw shared by both updates) and the rest drawn afresh.
     """
-    k = torch.randint(1, grid.num_steps + 1, (batch,), device=device, generator=generator)
+    if k is None:
+        k = torch.randint(1, grid.num_steps + 1, (batch,), device=device, generator=generator)
     t_g = grid.tau(k)
     t_e = grid.tau(k - 1) + 1
     if randmid:

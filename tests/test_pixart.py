@@ -71,9 +71,10 @@ def test_generator_gradient_is_zero_when_fake_is_teacher_and_cfg_is_one(backbone
     for cfg in (1.0, 4.5):
         torch.manual_seed(0)
         tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(cfg=cfg, loss=loss))
+        _, draw = tdm.draw(2, "cpu")
         traj = tdm.rollout(student, torch.randn(2, 4, 16, 16), cond)
         student_net.zero_grad()
-        tdm.generator_loss(traj, cond, uncond, student, teacher, teacher).backward()
+        tdm.generator_loss(traj, cond, uncond, student, teacher, teacher, draw).backward()
         grads[cfg] = torch.cat([p.grad.flatten() for p in student_net.parameters() if p.requires_grad])
     assert torch.count_nonzero(grads[1.0]) == 0
     assert torch.count_nonzero(grads[4.5]) > 0   # the check above can fail
@@ -85,8 +86,9 @@ def test_fake_score_loss_trains_only_the_fake_score(backbone):
     attach_lora(fake_net, 4, 4, backbone.lora_target_modules)
     cond = backbone.encode_prompts(PROMPTS)
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(separate=True))
+    draw, _ = tdm.draw(2, "cpu")
     traj = tdm.rollout(backbone.denoiser(student_net), torch.randn(2, 4, 16, 16), cond)
-    loss = tdm.fake_score_loss(traj, cond, backbone.denoiser(fake_net))
+    loss = tdm.fake_score_loss(traj, cond, backbone.denoiser(fake_net), draw)
     loss.backward()
     assert loss.item() > 0
     assert all(p.grad is None for p in student_net.parameters())

@@ -1,0 +1,181 @@
+"""Teacher φ, student θ and fake score ψ as three denoisers (x_t, t, c) -> (x̂0, ε̂).
+
+full: three networks — a frozen teacher in the compute dtype, student and fake score as full
+      fp32 copies initialised from it (the upstream demo), wrapped for data parallelism.
+lora: ONE copy of the base weights. Teacher = the base with adapters disabled; student and fake
+      score = two named LoRA adapters on it. Only the active adapter takes part in a forward,
+      so each update trains only its own adapter.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .backbones.base import Backbone, Denoiser
+from .checkpoint import load_trainable, save_trainable
+
+STUDENT, FAKE_SCORE = "student", "fake_score"
+
+
+def lora_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class AdapterDenoiser(Denoiser):
+    """A denoiser that runs the shared base with one named adapter active, or none (teacher)."""
+
+    def __init__(self, module, backbone: Backbone, adapter: Optional[str], switch: "AdapterSwitch"):
+        super().__init__(module, backbone)
+        self.adapter = adapter
+        self.switch = switch
+
+    def __call__(self, x_t, t, cond):
+        self.switch.activate(self.adapter)
+        return super().__call__(x_t, t, cond)
+
+
+class AdapterSwitch:
+    """Selects the active adapter of every LoRA layer through peft's own API.
+
+    peft's set_adapter/enable_adapters also flip requires_grad; a leaf whose requires_grad is
+    off when backward runs silently receives no gradient, so the trainable flags are restored
+    after every switch (a graph built under one adapter survives a teacher call before backward).
+    """
+
+    def __init__(self, module: torch.nn.Module, trainable: List[torch.nn.Parameter]):
+        self.layers = lora_layers(module)
+        self.trainable = trainable
+        self.active: Optional[str] = "unset"
+
+    def activate(self, adapter: Optional[str]) -> None:
+        if adapter == self.active:
+            return
+        for layer in self.layers:
+            if adapter is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+        for param in self.trainable:
+            param.requires_grad_(True)
+        self.active = adapter
+
+
+@dataclass
+class Networks:
+    teacher: Denoiser
+    student: Denoiser         # gradient step of the generator (may run through DDP)
+    fake: Denoiser            # gradient step of the fake score (may run through DDP)
+    student_eval: Denoiser    # no-grad calls (rollout, validation): never through DDP, so
+    fake_eval: Denoiser       # ranks may run different numbers of them
+    student_params: List[torch.nn.Parameter]
+    fake_params: List[torch.nn.Parameter]
+    student_module: torch.nn.Module = None
+    student_adapter: Optional[str] = None   # lora: the student's adapter on the shared base
+    checkpointed: Dict[str, torch.nn.Module] = field(default_factory=dict)
+    manual_gradient_sync: bool = False      # lora: the shared base is not DDP-wrapped
+    wrapped: List[torch.nn.Module] = field(default_factory=list)   # DDP modules, for accumulate()
+
+    def modules(self) -> List[torch.nn.Module]:
+        """The distinct networks (one in lora mode, three in full mode)."""
+        found = []
+        for denoiser in (self.teacher, self.student_eval, self.fake_eval):
+            if not any(denoiser.module is m for m in found):
+                found.append(denoiser.module)
+        return found
+
+    def compile(self) -> None:
+        """torch.compile every network's forward in place (--torch_compile)."""
+        for module in self.modules():
+            module.compile()
+
+    def reduce_gradients(self, accelerator, params) -> None:
+        """Average gradients over processes where DDP does not (lora mode)."""
+        if not self.manual_gradient_sync or accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= accelerator.num_processes
+            torch.nn.utils.vector_to_parameters(flat, grads)
+
+    def export(self, folder: str, backbone: Backbone) -> str:
+        """The student for diffusers: a LoRA file, or a model folder of the denoiser."""
+        from .lora import save_lora
+
+        if self.student_adapter:
+            return save_lora(self.student_module, folder, backbone.lora_prefix, self.student_adapter)
+        path = os.path.join(folder, backbone.denoiser_subfolder)
+        self.student_module.save_pretrained(path)
+        return path
+
+    def save(self, folder: str) -> None:
+        for name, module in self.checkpointed.items():
+            save_trainable(module, os.path.join(folder, f"{name}.safetensors"))
+
+    def load(self, folder: str) -> None:
+        for name, module in self.checkpointed.items():
+            load_trainable(module, os.path.join(folder, f"{name}.safetensors"))
+
+
+def _trainable(module) -> List[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerator,
+                   lora_rank: int = 64, lora_alpha: float = 64.0,
+                   gradient_checkpointing: bool = False) -> Networks:
+    if train_mode == "lora":
+        return lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,
+                             gradient_checkpointing)
+    return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing)
+
+
+def full_networks(backbone: Backbone, weight_dtype, accelerator,
+                  gradient_checkpointing: bool) -> Networks:
+    """Frozen teacher; student and fake score as full fp32 copies, DDP-wrapped by accelerate."""
+    teacher = backbone.load_denoiser(weight_dtype).requires_grad_(False).eval().to(accelerator.device)
+    copies = []
+    for _ in (STUDENT, FAKE_SCORE):
+        net = backbone.load_denoiser(torch.float32).requires_grad_(True).train()
+        if gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        copies.append(net)
+    student_wrapped, fake_wrapped = accelerator.prepare(*copies)
+    student, fake = copies
+    return Networks(
+        teacher=backbone.denoiser(teacher),
+        student=backbone.denoiser(student_wrapped), fake=backbone.denoiser(fake_wrapped),
+        student_eval=backbone.denoiser(student), fake_eval=backbone.denoiser(fake),
+        student_params=_trainable(student), fake_params=_trainable(fake),
+        student_module=student, checkpointed={STUDENT: student, FAKE_SCORE: fake},
+        wrapped=[student_wrapped, fake_wrapped])
+
+
+def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: float,
+                  gradient_checkpointing: bool) -> Networks:
+    """One frozen base in the compute dtype with two fp32 LoRA adapters on it."""
+    from .lora import attach_lora
+
+    base = backbone.load_denoiser(weight_dtype)
+    for adapter in (STUDENT, FAKE_SCORE):
+        attach_lora(base, rank, alpha, backbone.lora_target_modules, adapter_name=adapter)
+    base.to(device).train()
+    if gradient_checkpointing:
+        base.enable_gradient_checkpointing()
+    params = {name: [p for n, p in base.named_parameters() if f".{name}." in n and p.requires_grad]
+              for name in (STUDENT, FAKE_SCORE)}
+    switch = AdapterSwitch(base, params[STUDENT] + params[FAKE_SCORE])
+    student = AdapterDenoiser(base, backbone, STUDENT, switch)
+    fake = AdapterDenoiser(base, backbone, FAKE_SCORE, switch)
+    return Networks(teacher=AdapterDenoiser(base, backbone, None, switch),
+                    student=student, fake=fake, student_eval=student, fake_eval=fake,
+                    student_params=params[STUDENT], fake_params=params[FAKE_SCORE],
+                    student_module=base, student_adapter=STUDENT, checkpointed={"lora": base},
+                    manual_gradient_sync=True)

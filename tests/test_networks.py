@@ -1,0 +1,90 @@
+"""The cheaper iteration computes the same thing: shared-base LoRA, lazy rollout, shared step draw."""
+import torch
+
+from tdm.conditions import expand_condition
+from tdm.method import TDM, NoiseGenerator, TDMConfig
+from tdm.networks import FAKE_SCORE, STUDENT, lora_networks
+from tdm.trajectory import StepGrid
+
+PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree", "a yellow bird"]
+
+
+def perturb(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def make_lora(backbone):
+    nets = lora_networks(backbone, torch.float32, "cpu", rank=4, alpha=4.0, gradient_checkpointing=False)
+    perturb(nets.student_params, 0)
+    perturb(nets.fake_params, 1)
+    return nets
+
+
+def test_shared_base_roles_match_separate_networks(backbone):
+    nets = make_lora(backbone)
+    plain = backbone.denoiser(backbone.load_denoiser())
+    assert len(nets.modules()) == 1
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    teacher_x0 = nets.teacher(x, t, cond)[0]
+    torch.testing.assert_close(teacher_x0, plain(x, t, cond)[0])        # adapters off = teacher
+    student_x0, fake_x0 = nets.student(x, t, cond)[0], nets.fake(x, t, cond)[0]
+    assert (student_x0 - teacher_x0).abs().max() > 1e-4
+    assert (fake_x0 - student_x0).abs().max() > 1e-4
+    torch.testing.assert_close(nets.teacher(x, t, cond)[0], teacher_x0)  # switching is stateless
+
+
+def test_each_update_trains_only_its_adapter(backbone):
+    nets = make_lora(backbone)
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    uncond = expand_condition(backbone.encode_prompts([""]), 2)
+    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(cfg=4.5))
+    fake_draw, gen_draw = tdm.draw(2, "cpu")
+    traj = tdm.rollout(nets.student_eval, torch.randn(2, 4, 16, 16), cond)
+    tdm.fake_score_loss(traj, cond, nets.fake, fake_draw).backward()
+    assert all(p.grad is None for p in nets.student_params)
+    assert sum(p.grad.abs().sum() for p in nets.fake_params) > 0
+    for p in nets.fake_params:
+        p.grad = None
+    # the teacher and fake calls after the student's forward must not cut its gradient
+    tdm.generator_loss(traj, cond, uncond, nets.student, nets.teacher, nets.fake_eval,
+                       gen_draw).backward()
+    assert all(p.grad is None for p in nets.fake_params)
+    assert sum(p.grad.abs().sum() for p in nets.student_params if p.grad is not None) > 0
+
+
+def losses(backbone, nets, config, seed=0):
+    cond = backbone.encode_prompts(PROMPTS)
+    uncond = expand_condition(backbone.encode_prompts([""]), 4)
+    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), config, NoiseGenerator("cpu", seed))
+    noise = tdm.randn((4, 4, 16, 16), "cpu")
+    fake_draw, gen_draw = tdm.draw(4, "cpu")
+    traj = tdm.rollout(nets.student_eval, noise, cond, tdm.rollout_depth(fake_draw, gen_draw))
+    fake = tdm.fake_score_loss(traj, cond, nets.fake, fake_draw)
+    gen = tdm.generator_loss(traj, cond, uncond, nets.student, nets.teacher, nets.fake_eval, gen_draw)
+    return fake.item(), gen.item(), traj, fake_draw, gen_draw
+
+
+def test_lazy_rollout_gives_the_same_losses(backbone):
+    nets = make_lora(backbone)
+    for seed in range(3):
+        lazy = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=True), seed)
+        full = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=False), seed)
+        torch.testing.assert_close(lazy[0], full[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lazy[1], full[1], rtol=1e-5, atol=1e-6)
+        traj, fake_draw, gen_draw = lazy[2:]
+        depth = torch.maximum(5 - fake_draw.k, 4 - gen_draw.k)
+        for b in range(4):   # untouched rows really were skipped (zeros past each depth)
+            assert torch.count_nonzero(traj.x0[: 4 - depth[b], b]) == 0
+
+
+def test_shared_step_draw_reuses_k(backbone):
+    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(share_step_draw=True),
+              NoiseGenerator("cpu", 0))
+    fake_draw, gen_draw = tdm.draw(64, "cpu")
+    assert torch.equal(fake_draw.k, gen_draw.k) and not torch.equal(fake_draw.t, gen_draw.t)
+    depth = tdm.rollout_depth(fake_draw, gen_draw)
+    assert torch.equal(depth, 5 - fake_draw.k)
