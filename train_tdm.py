@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -79,6 +80,31 @@ def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, 
     optimizer.zero_grad(set_to_none=True)
 
 
+def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_optimizer,
+                  generator_optimizer, lr_scheduler, max_grad_norm):
+    """One TDM iteration on a batch of prompt conditions (TDM_SPEC §2–5); returns both losses."""
+    from tdm.conditions import expand_condition
+
+    batch = next(iter(cond.values())).shape[0]
+    noise = tdm.randn((batch, *latent_shape), accelerator.device)
+    with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
+        fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
+        trajectory = tdm.rollout(networks.student_eval, noise, cond,
+                                 tdm.rollout_depth(fake_draw, generator_draw))
+        # 1. fake score ψ on the student's trajectory (§4)
+        fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
+        accelerator.backward(fake_loss)
+        step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
+        # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
+        generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
+                                            networks.student, networks.teacher,
+                                            networks.fake_eval, generator_draw)
+        accelerator.backward(generator_loss)
+        step_optimizer(accelerator, networks, generator_optimizer, networks.student_params,
+                       max_grad_norm, lr_scheduler)
+    return fake_loss, generator_loss
+
+
 def save_checkpoint(accelerator, args, global_step):
     from tdm.checkpoint import rotate_checkpoints
 
@@ -90,13 +116,14 @@ def save_checkpoint(accelerator, args, global_step):
 
 
 @torch.no_grad()
-def log_validation(accelerator, args, backbone, tdm, student, global_step):
+def log_validation(accelerator, args, run, global_step):
     """A grid of the K-step student on fixed prompts and fixed noise (main process only, so the
     student is called unwrapped: a DDP forward on one rank would wait for the others)."""
     from tdm.images import image_grid, to_pil
 
+    backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
     prompts = args.validation_prompts
-    cond = backbone.encode_prompts(prompts)
+    cond = run.encode(prompts)
     generator = torch.Generator().manual_seed(args.validation_seed)
     shape = (len(prompts), *backbone.latent_shape(args.resolution, args.num_frames))
     noise = torch.randn(shape, generator=generator)
@@ -120,10 +147,11 @@ def log_validation(accelerator, args, backbone, tdm, student, global_step):
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-def main(args):
+def build(args):
+    """Everything a run needs, from flags: accelerator, backbone, the three networks, the TDM
+    objective, optimisers, LR schedule and prompt loader. Bad input fails before any model load."""
     from tdm.trajectory import StepGrid
 
-    # Cheap checks first: bad input must not cost a model load (nor the heavy imports).
     prompts = load_prompts(args.prompts, args.caption_column)
     if args.validation_prompts is None:
         args.validation_prompts = load_prompts(os.path.join(os.path.dirname(__file__), "assets",
@@ -134,11 +162,8 @@ def main(args):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     from tdm.backbones import load_backbone
-    from tdm.checkpoint import checkpoint_step, latest_checkpoint
-    from tdm.conditions import expand_condition
     from tdm.method import TDM, NoiseGenerator, TDMConfig
     from tdm.networks import build_networks
 
@@ -180,6 +205,7 @@ def main(args):
     backbone.load_vae(accelerator.device, weight_dtype)
     backbone.path = backbone.path.to(accelerator.device)
     uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
+    encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
 
     # Two AdamW optimisers; LR schedule and clipping on the generator only (TDM_SPEC §4–5).
     fake_optimizer = make_optimizer(networks.fake_params, args.learning_rate, args)
@@ -201,7 +227,36 @@ def main(args):
                                              snr_gamma=args.snr_gamma,
                                              lazy_rollout=not args.full_rollout,
                                              share_step_draw=args.share_step_draw), noise_generator)
+    return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,
+                           encode=encode, uncond=uncond, dataloader=dataloader,
+                           fake_optimizer=fake_optimizer, generator_optimizer=generator_optimizer,
+                           lr_scheduler=lr_scheduler,
+                           latent_shape=backbone.latent_shape(args.resolution, args.num_frames))
 
+
+def text_conditions(args, accelerator, backbone, prompts, weight_dtype):
+    """prompts -> condition: the text encoder on every batch, or the on-disk cache
+    (--cache_text_embeddings), filled once up front, after which the encoder leaves the device."""
+    if not args.cache_text_embeddings:
+        return backbone.encode_prompts
+    from tdm.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(args.text_embeddings_dir or os.path.join(args.output_dir, "text_embeddings"),
+                           backbone)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            cache.precompute(prompts + list(args.validation_prompts), dtype=weight_dtype)
+    backbone.offload_text_encoders()
+    return lambda batch_prompts: cache.encode(batch_prompts, accelerator.device)
+
+
+def main(args):
+    from tqdm.auto import tqdm
+
+    from tdm.checkpoint import checkpoint_step, latest_checkpoint
+
+    run = build(args)
+    accelerator, backbone, networks, tdm = run.accelerator, run.backbone, run.networks, run.tdm
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
@@ -220,45 +275,29 @@ def main(args):
             accelerator.load_state(path)
             global_step = checkpoint_step(path)
             logger.info("resumed from %s at step %d", path, global_step)
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
                     disable=not accelerator.is_local_main_process)
-    latent_shape = backbone.latent_shape(args.resolution, args.num_frames)
     for epoch in range(first_epoch, sys.maxsize):
         if global_step >= args.max_train_steps:
             break
-        dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+        run.dataloader.set_epoch(epoch)
+        batches = (accelerator.skip_first_batches(run.dataloader, skip_batches) if skip_batches
+                   else run.dataloader)
         skip_batches = 0
         for batch_prompts in batches:
-            cond = backbone.encode_prompts(batch_prompts)
-            batch = len(batch_prompts)
-            noise = tdm.randn((batch, *latent_shape), accelerator.device)
-            with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
-                fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
-                trajectory = tdm.rollout(networks.student_eval, noise, cond,
-                                         tdm.rollout_depth(fake_draw, generator_draw))
-                # 1. fake score ψ on the student's trajectory (§4)
-                fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
-                accelerator.backward(fake_loss)
-                step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
-                # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
-                generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
-                                                    networks.student, networks.teacher,
-                                                    networks.fake_eval, generator_draw)
-                accelerator.backward(generator_loss)
-                step_optimizer(accelerator, networks, generator_optimizer, networks.student_params,
-                               args.max_grad_norm, lr_scheduler)
-
+            fake_loss, generator_loss = tdm_iteration(
+                accelerator, tdm, networks, run.encode(batch_prompts), run.uncond, run.latent_shape,
+                run.fake_optimizer, run.generator_optimizer, run.lr_scheduler, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             losses = {"loss_fake": fake_loss.detach().item(),
                       "loss_generator": generator_loss.detach().item(),
-                      "lr": lr_scheduler.get_last_lr()[0]}
+                      "lr": run.lr_scheduler.get_last_lr()[0]}
             progress.update(1)
             progress.set_postfix(fake=f"{losses['loss_fake']:.4g}",
                                  gen=f"{losses['loss_generator']:.4g}")
@@ -267,7 +306,7 @@ def main(args):
                 save_checkpoint(accelerator, args, global_step)
             if accelerator.is_main_process and args.validation_steps and \
                     global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, backbone, tdm, networks.student_eval, global_step)
+                log_validation(accelerator, args, run, global_step)
             if global_step >= args.max_train_steps:
                 break
 

@@ -7,18 +7,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tdm.config import build_parser  # noqa: E402
 
 
-def main():
+def table() -> str:
+    lines = []
     parser = build_parser()
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
         if not actions:
             continue
-        print(f"\n**{group.title}**\n\n| flag | default | meaning |\n|---|---|---|")
+        lines.append(f"\n**{group.title}**\n\n| flag | default | meaning |\n|---|---|---|")
         for a in actions:
             default = "" if a.default is None or a.default is False else f"`{a.default}`"
             if a.dest == "prompts":
                 default = "`assets/prompts.txt`"
-            print(f"| `{a.option_strings[0]}` | {default} | {(a.help or '').replace('|', '/')} |")
+            lines.append(f"| `{a.option_strings[0]}` | {default} | {(a.help or '').replace('|', '/')} |")
+    return "\n".join(lines).strip()
+
+
+def main():
+    """Print the table, or with --update FILE replace the part between the flags markers."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        text = open(sys.argv[2]).read()
+        start, end = "<!-- flags:start -->", "<!-- flags:end -->"
+        head, rest = text.split(start)
+        _, tail = rest.split(end)
+        open(sys.argv[2], "w").write(f"{head}{start}\n{table()}\n{end}{tail}")
+    else:
+        print(table())
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a datasets hub id.")
     g.add_argument("--caption_column", default=None,
                    help="Column of the prompts; default: the first of prompt, caption, text.")
+    g.add_argument("--cache_text_embeddings", action="store_true",
+                   help="Encode every prompt once into a safetensors cache, then move the text "
+                   "encoder off the accelerator.")
+    g.add_argument("--text_embeddings_dir", default=None,
+                   help="Folder of the cache; default: OUTPUT_DIR/text_embeddings.")
     g.add_argument("--resolution", type=int, default=512, help="Image size of the student samples.")
     g.add_argument("--num_frames", type=int, default=None,
                    help="Frames of a video sample (video backbones); default: the backbone's.")

@@ -42,6 +42,9 @@ class Backbone:
     def load_vae(self, device, dtype) -> None:
         raise NotImplementedError
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU once every prompt is cached (default: keep them)."""
+
     # -- data -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: List[str]) -> dict:

@@ -68,6 +68,9 @@ class PixArtBackbone(Backbone):
         self.text_pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                                                  vae=None, transformer=None, scheduler=None)
 
+    def offload_text_encoders(self) -> None:
+        self.text_pipeline.text_encoder.to("cpu")
+
     def load_vae(self, device, dtype) -> None:
         from diffusers import AutoencoderKL
 
