@@ -126,11 +126,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    height = args.height or config.get("resolution")
-    width = args.width or height
-
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"))
+    trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
+                            else (None, None))
+    height = args.height or trained_h
+    width = args.width or trained_w or height
     if config.get("max_sequence_length"):
         backbone.max_sequence_length = config["max_sequence_length"]
     num_frames = args.num_frames or config.get("num_frames")

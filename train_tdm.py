@@ -190,6 +190,8 @@ def build(args):
     backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                              args.variant, args.backbone_options)
     backbone.check_resolution(args.resolution)
+    if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
+        raise UsageError("--export_format kohya needs --train_mode lora on a UNet backbone (SD1.x, SDXL)")
     if args.max_sequence_length:
         backbone.max_sequence_length = args.max_sequence_length
     if grid.timesteps[0] >= backbone.path.num_timesteps:
@@ -312,7 +314,8 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        logger.info("exported the student to %s", networks.export(args.output_dir, backbone))
+        logger.info("exported the student to %s",
+                    networks.export(args.output_dir, backbone, args.export_format))
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
     accelerator.end_training()
 

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",
                    help="Checkpoints, samples/, logs, config.yaml and the exported student.")
+    g.add_argument("--export_format", choices=["diffusers", "kohya"], default="diffusers",
+                   help="LoRA export; kohya also writes pytorch_lora_weights_kohya.safetensors "
+                   "(UNet families SD1.x/SDXL, --train_mode lora).")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--tracker_project_name", default="tdm", help="Run name for the tracker.")

@@ -14,15 +14,14 @@ from .conditions import cat_conditions, condition_to
 
 
 class EmbeddingCache:
-    """One safetensors file per prompt, named by a hash of the prompt and of the encoder
-    (model, revision, backbone, sequence length), so a cache is never read for another encoder."""
+    """One safetensors file per prompt, named by a hash of the prompt and of the backbone's
+    condition key (model, revision, sequence length, …), so a cache is never read for another
+    encoder."""
 
     def __init__(self, folder: str, backbone):
         self.folder = folder
         self.backbone = backbone
-        encoder = "|".join(str(v) for v in (backbone.name, backbone.model_path, backbone.revision,
-                                            backbone.variant, backbone.max_sequence_length))
-        self.encoder_key = hashlib.sha1(encoder.encode()).hexdigest()[:12]
+        self.encoder_key = hashlib.sha1(backbone.condition_key().encode()).hexdigest()[:12]
         os.makedirs(folder, exist_ok=True)
 
     def path(self, prompt: str) -> str:

@@ -105,12 +105,19 @@ class Networks:
             flat /= accelerator.num_processes
             torch.nn.utils.vector_to_parameters(flat, grads)
 
-    def export(self, folder: str, backbone: Backbone) -> str:
-        """The student for diffusers: a LoRA file, or a model folder of the denoiser."""
+    def export(self, folder: str, backbone: Backbone, export_format: str = "diffusers") -> str:
+        """The student for diffusers: a LoRA file (plus a kohya file on request), or a model
+        folder of the denoiser."""
         from .lora import save_lora
 
         if self.student_adapter:
-            return save_lora(self.student_module, folder, backbone.lora_prefix, self.student_adapter)
+            path = save_lora(self.student_module, folder, backbone.lora_prefix, self.student_adapter)
+            if export_format == "kohya":
+                from .kohya import KOHYA_WEIGHT_NAME, save_kohya_lora
+
+                path = save_kohya_lora(self.student_module, os.path.join(folder, KOHYA_WEIGHT_NAME),
+                                       self.student_adapter)
+            return path
         path = os.path.join(folder, backbone.denoiser_subfolder)
         self.student_module.save_pretrained(path)
         return path

@@ -57,6 +57,16 @@ class Backbone:
     def check_resolution(self, resolution: int) -> None:
         raise NotImplementedError
 
+    def image_size(self, resolution: int) -> tuple:
+        """(height, width) in pixels for --resolution: square unless the family reads its own
+        size (CogVideoX: --backbone_options height/width)."""
+        return resolution, resolution
+
+    def condition_key(self) -> str:
+        """Everything a prompt's condition depends on besides the prompt (embedding-cache key)."""
+        return "|".join(str(v) for v in (self.name, self.model_path, self.revision, self.variant,
+                                         self.max_sequence_length))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [0, 1], [B, 3, H, W]."""
