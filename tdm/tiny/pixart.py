@@ -39,7 +39,23 @@ PIXART_SCHEDULER_CONFIG = dict(
 )
 
 
-def build_tiny_pixart(path: str, seed: int = 0) -> str:
+# Sizes for benchmarks: "medium" is PixArt-shaped with ~60 M transformer parameters (CPU-able);
+# "full" is the PixArt-XL-2-512x512 transformer architecture (610 M) with a T5 of width 4096,
+# random weights, for GPU benchmarks. Text encoder and VAE stay small in every size.
+SIZES = {
+    "tiny": dict(transformer=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8,
+                                  cross_attention_dim=16, sample_size=16),
+                 t5_d_model=32, vae_channels=(8, 16)),
+    "medium": dict(transformer=dict(num_layers=14, num_attention_heads=8, attention_head_dim=64,
+                                    cross_attention_dim=512, sample_size=32),
+                   t5_d_model=32, vae_channels=(8, 16)),
+    "full": dict(transformer=dict(num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                                  cross_attention_dim=1152, sample_size=64),
+                 t5_d_model=4096, vae_channels=(8, 16, 32, 32)),
+}
+
+
+def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny") -> str:
     """Build a tiny real ``PixArtAlphaPipeline`` with fixed random weights and save it to ``path``.
 
     Components: T5 tokenizer (Unigram trained on ``common.TINY_PROMPTS``), 2-layer ``T5EncoderModel``
@@ -61,7 +77,7 @@ def build_tiny_pixart(path: str, seed: int = 0) -> str:
         torch.manual_seed(seed)
         t5_config = T5Config(
             vocab_size=len(tokenizer),
-            d_model=32,
+            d_model=SIZES[size]["t5_d_model"],
             d_kv=16,
             d_ff=64,
             num_layers=2,
@@ -83,9 +99,9 @@ def build_tiny_pixart(path: str, seed: int = 0) -> str:
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * len(SIZES[size]["vae_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(SIZES[size]["vae_channels"]),
+            block_out_channels=SIZES[size]["vae_channels"],
             layers_per_block=1,
             act_fn="silu",
             latent_channels=4,
@@ -96,16 +112,12 @@ def build_tiny_pixart(path: str, seed: int = 0) -> str:
 
         torch.manual_seed(seed + 2)
         transformer = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
+            **SIZES[size]["transformer"],
             in_channels=4,
             out_channels=8,
-            num_layers=2,
             dropout=0.0,
             norm_num_groups=32,
-            cross_attention_dim=16,
             attention_bias=True,
-            sample_size=16,
             patch_size=2,
             activation_fn="gelu-approximate",
             num_embeds_ada_norm=1000,

@@ -1,0 +1,25 @@
+"""The benchmark scripts run and count what they claim (their numbers go to the README)."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_train_counts_forwards_and_backwards(tmp_path):
+    md = tmp_path / "bench.md"
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "bench_train.py"), "--iterations", "3",
+                       "--warmup", "1", "--markdown", str(md)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["train_mode"] for r in rows] == ["lora", "full"]
+    for r in rows:
+        rows_per_sample = r["forward_rows_per_sample"]
+        assert rows_per_sample["teacher"] == 2.0 and rows_per_sample["fake_score"] == 2.0   # cfg 4.5
+        assert 2.0 <= rows_per_sample["student"] <= 5.0     # lazy rollout (1..4 rows) + 1 with grad
+        assert r["backward_passes_per_iteration"] == {"student": 1.0, "fake_score": 1.0}
+    assert "| tiny" in md.read_text()
