@@ -61,7 +61,16 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
     """(stock pipeline of the teacher with the student applied, its backbone adapter)."""
     from tdm.backbones import load_backbone
 
-    backbone = load_backbone(model_path, backbone_name, options=backbone_options)
+    from tdm.config import UsageError
+    from tdm.lora import check_lora_file
+
+    try:
+        backbone = load_backbone(model_path, backbone_name, options=backbone_options)
+        skeleton = backbone.denoiser_skeleton() if weights and weights[0] == "lora" else None
+        if skeleton is not None:
+            check_lora_file(weights[1], skeleton, backbone.lora_prefix)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error).strip().splitlines()[0]) from None
     pipe = backbone.load_pipeline(dtype, weights, lora_scale).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, backbone
@@ -105,6 +114,16 @@ def as_teacher(pipe, backbone, weights, scheduler, dtype):
 
 
 def main(argv=None) -> int:
+    from tdm.config import UsageError
+
+    try:
+        return run(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     from tdm.images import image_grid
     from tdm.sampling import resolve_weights, student_timesteps, training_config
 

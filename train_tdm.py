@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import logging
 import math
+import json
 import os
+import signal
 import sys
 from types import SimpleNamespace
 
 import torch
 
-from tdm.config import UsageError, parse_args, save_resolved_config, step_timesteps
+from tdm.config import (UsageError, check_8bit_adam, check_output_dir, parse_args,
+                        save_resolved_config, step_timesteps)
 from tdm.data import load_prompts
 
 logger = logging.getLogger("tdm")
+# bitsandbytes' CPU backend warns at import about optional 4-bit kernels that TDM never uses.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,10 +45,8 @@ def enable_xformers(nets, accelerator):
 
 def make_optimizer(params, lr, args):
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise UsageError(f"--use_8bit_adam needs bitsandbytes ({error}); pip install bitsandbytes")
+        import bitsandbytes as bnb
+
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
@@ -56,11 +59,15 @@ def register_checkpoint_hooks(accelerator, networks):
     by the networks themselves; accelerate adds optimisers, scheduler, RNG and noise states."""
 
     def save_hook(models, weights, output_dir):
+        if networks.sharded:   # FSDP/DeepSpeed: accelerate gathers and writes the shards itself
+            return
         if accelerator.is_main_process:
             networks.save(output_dir)
         weights.clear()   # nothing else: the default would store the frozen base too
 
     def load_hook(models, input_dir):
+        if networks.sharded:
+            return
         networks.load(input_dir)
         models.clear()
 
@@ -69,50 +76,93 @@ def register_checkpoint_hooks(accelerator, networks):
 
 
 def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, lr_scheduler=None):
-    """Average gradients where DDP does not, clip, step (accelerate skips it while accumulating)."""
+    """Average gradients where DDP does not, clip, step (accelerate skips it while accumulating).
+    A non-finite gradient skips the update so no optimiser state is poisoned; returns whether
+    the update was applied. (With fp16, accelerate's grad scaler handles overflow itself.)"""
+    applied = True
     if accelerator.sync_gradients:
         networks.reduce_gradients(accelerator, params)
-        if max_grad_norm > 0:
+        grads = [p.grad for p in params if p.grad is not None]
+        if accelerator.scaler is None and not all_finite(accelerator, *grads):
+            applied = False
+        elif max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if lr_scheduler is not None:
-        lr_scheduler.step()
+    if applied:
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return applied
 
 
 def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_optimizer,
-                  generator_optimizer, lr_scheduler, max_grad_norm):
-    """One TDM iteration on a batch of prompt conditions (TDM_SPEC §2–5); returns both losses."""
+                  generator_optimizer, lr_scheduler, max_grad_norm, poison=False):
+    """One TDM iteration on a batch of prompt conditions (TDM_SPEC §2–5). Returns both losses
+    and how many of the two updates were skipped for non-finite values."""
     from tdm.conditions import expand_condition
 
     batch = next(iter(cond.values())).shape[0]
     noise = tdm.randn((batch, *latent_shape), accelerator.device)
+    skipped = 0
     with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
         fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
         trajectory = tdm.rollout(networks.student_eval, noise, cond,
                                  tdm.rollout_depth(fake_draw, generator_draw))
         # 1. fake score ψ on the student's trajectory (§4)
         fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
-        accelerator.backward(fake_loss)
-        step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
+        fake_loss = fake_loss * float("nan") if poison else fake_loss
+        if all_finite(accelerator, fake_loss):
+            accelerator.backward(fake_loss)
+            skipped += not step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
+        else:
+            skipped += 1
         # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
         generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
                                             networks.student, networks.teacher,
                                             networks.fake_eval, generator_draw)
-        accelerator.backward(generator_loss)
-        step_optimizer(accelerator, networks, generator_optimizer, networks.student_params,
-                       max_grad_norm, lr_scheduler)
-    return fake_loss, generator_loss
+        generator_loss = generator_loss * float("nan") if poison else generator_loss
+        if all_finite(accelerator, generator_loss):
+            accelerator.backward(generator_loss)
+            skipped += not step_optimizer(accelerator, networks, generator_optimizer,
+                                          networks.student_params, max_grad_norm, lr_scheduler)
+        else:
+            skipped += 1
+    return fake_loss, generator_loss, skipped
 
 
-def save_checkpoint(accelerator, args, global_step):
-    from tdm.checkpoint import rotate_checkpoints
+def save_checkpoint(accelerator, args, global_step) -> str:
+    from tdm.checkpoint import save_atomically
 
-    if accelerator.is_main_process:
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
+    path = save_atomically(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     logger.info("saved %s", path)
+    return path
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0 (cluster preemption)."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """Agreed over processes: one rank signalled is enough for all to stop at this step."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "max")
+        return bool(flag.item())
+
+
+def all_finite(accelerator, *tensors) -> bool:
+    """Whether every value is finite on every process (so that all ranks skip together)."""
+    flag = torch.tensor([float(all(torch.isfinite(t).all() for t in tensors))], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "min")
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -158,6 +208,9 @@ def build(args):
                                                             "validation_prompts.txt"))[:4]
     grid = StepGrid(step_timesteps(args))
     args.timesteps = grid.timesteps
+    check_output_dir(args.output_dir)
+    if args.use_8bit_adam:
+        check_8bit_adam()
 
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -187,9 +240,17 @@ def build(args):
                          f"({args.train_batch_size} × {accelerator.num_processes} processes)")
 
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
-    backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
-                             args.variant, args.backbone_options)
-    backbone.check_resolution(args.resolution)
+    try:
+        backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
+                                 args.variant, args.backbone_options)
+    except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
+        first_line = str(error).strip().splitlines()[0]
+        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
+                         f"{first_line}") from None
+    try:
+        backbone.check_resolution(args.resolution)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
         raise UsageError("--export_format kohya needs --train_mode lora on a UNet backbone (SD1.x, SDXL)")
     if args.max_sequence_length:
@@ -252,15 +313,21 @@ def text_conditions(args, accelerator, backbone, prompts, weight_dtype):
     return lambda batch_prompts: cache.encode(batch_prompts, accelerator.device)
 
 
-def main(args):
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite updates; the last good state is checkpointed."""
+
+
+def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from tdm.checkpoint import checkpoint_step, latest_checkpoint
+    from tdm.checkpoint import checkpoint_step, latest_checkpoint, remove_incomplete
 
     run = build(args)
     accelerator, backbone, networks, tdm = run.accelerator, run.backbone, run.networks, run.tdm
+    stop = StopSignal()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_incomplete(args.output_dir)
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
         tracker_config = {k: v for k, v in vars(args).items()
                           if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
@@ -280,9 +347,11 @@ def main(args):
     steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
                     disable=not accelerator.is_local_main_process)
+    nonfinite_total = nonfinite_in_a_row = 0
     for epoch in range(first_epoch, sys.maxsize):
         if global_step >= args.max_train_steps:
             break
@@ -291,43 +360,78 @@ def main(args):
                    else run.dataloader)
         skip_batches = 0
         for batch_prompts in batches:
-            fake_loss, generator_loss = tdm_iteration(
+            fake_loss, generator_loss, skipped = tdm_iteration(
                 accelerator, tdm, networks, run.encode(batch_prompts), run.uncond, run.latent_shape,
-                run.fake_optimizer, run.generator_optimizer, run.lr_scheduler, args.max_grad_norm)
+                run.fake_optimizer, run.generator_optimizer, run.lr_scheduler, args.max_grad_norm,
+                poison=global_step + 1 in (args.debug_nonfinite_steps or ()))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            losses = {"loss_fake": fake_loss.detach().item(),
-                      "loss_generator": generator_loss.detach().item(),
-                      "lr": run.lr_scheduler.get_last_lr()[0]}
+            nonfinite_total += skipped
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+            logs = {"step": global_step, "loss_fake": fake_loss.detach().item(),
+                    "loss_generator": generator_loss.detach().item(),
+                    "lr": run.lr_scheduler.get_last_lr()[0], "nonfinite_skipped": nonfinite_total}
+            if args.log_prompts:
+                from accelerate.utils import gather_object
+
+                logs["prompts_per_rank"] = gather_object([list(batch_prompts)])
             progress.update(1)
-            progress.set_postfix(fake=f"{losses['loss_fake']:.4g}",
-                                 gen=f"{losses['loss_generator']:.4g}")
-            accelerator.log(losses, step=global_step)
+            progress.set_postfix(fake=f"{logs['loss_fake']:.4g}", gen=f"{logs['loss_generator']:.4g}")
+            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                            step=global_step)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(logs) + "\n")
+            if nonfinite_in_a_row >= args.max_nonfinite:
+                progress.close()
+                path = save_checkpoint(accelerator, args, global_step)
+                raise TrainingStopped(f"{nonfinite_in_a_row} consecutive iterations with non-finite "
+                                      f"losses or gradients (--max_nonfinite {args.max_nonfinite}); "
+                                      f"the last good state is in {path}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
             if accelerator.is_main_process and args.validation_steps and \
                     global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, run, global_step)
+            if stop.requested(accelerator):
+                path = save_checkpoint(accelerator, args, global_step)
+                logger.info("%s received: saved %s at step %d; continue with "
+                            "--resume_from_checkpoint latest", stop.received or "stop signal",
+                            path, global_step)
+                accelerator.end_training()
+                return 0
             if global_step >= args.max_train_steps:
                 break
 
     accelerator.wait_for_everyone()
+    checksum = float(sum(p.detach().double().sum() for p in networks.student_params))
+    checksums = gather_checksums(accelerator, checksum)
     if accelerator.is_main_process:
+        with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
+            f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
         logger.info("exported the student to %s",
                     networks.export(args.output_dir, backbone, args.export_format))
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
     accelerator.end_training()
+    return 0
+
+
+def gather_checksums(accelerator, value: float) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
 
 
 def cli(argv=None) -> int:
     try:
-        args = parse_args(argv)
-        main(args)
+        return main(parse_args(argv))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

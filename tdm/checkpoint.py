@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from typing import List, Optional
 
 import torch
@@ -30,14 +31,45 @@ def checkpoint_step(path: str) -> int:
     return int(PATTERN.match(os.path.basename(os.path.normpath(path))).group(1))
 
 
-def rotate_checkpoints(output_dir: str, total_limit: Optional[int], keep_room_for: int = 1) -> None:
-    """Delete the oldest checkpoints so that `keep_room_for` new ones fit within the limit."""
+def rotate_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
+    """Keep the `total_limit` newest complete checkpoints. Runs after a save has completed, so
+    the newest complete checkpoint is never among those deleted."""
     if not total_limit:
         return
     found = list_checkpoints(output_dir)
-    excess = len(found) + keep_room_for - total_limit
-    for path in found[:max(excess, 0)]:
+    for path in found[:max(len(found) - max(total_limit, 1), 0)]:
         shutil.rmtree(path)
+
+
+TMP_SUFFIX = ".incomplete"
+
+
+def remove_incomplete(output_dir: str) -> None:
+    """Folders of saves that were killed half-way; never picked by `latest`."""
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.endswith(TMP_SUFFIX):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save_atomically(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> str:
+    """accelerate.save_state into `checkpoint-N.incomplete`, renamed to `checkpoint-N` once every
+    process has written its part: a checkpoint folder is either complete or absent."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + TMP_SUFFIX
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    time.sleep(float(os.environ.get("TDM_TEST_SAVE_DELAY", 0)))   # lets a test kill a save mid-way
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rotate_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict:

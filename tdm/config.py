@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: as accelerate is configured.")
+    g.add_argument("--max_nonfinite", type=int, default=10,
+                   help="Stop (with a checkpoint) after this many iterations in a row whose losses "
+                   "or gradients were not finite; such updates are skipped.")
+    g.add_argument("--debug_nonfinite_steps", type=int_list, default=None, help=argparse.SUPPRESS)
     g.add_argument("--seed", type=int, default=None, help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",
@@ -139,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Prompts of the validation grid; default: the first four lines of "
                    "assets/validation_prompts.txt.")
+    g.add_argument("--log_prompts", action="store_true",
+                   help="Write every rank's prompts of each step to OUTPUT_DIR/train_log.jsonl.")
     g.add_argument("--validation_seed", type=int, default=0, help="Seed of the validation noise.")
     return p
 
@@ -211,6 +217,29 @@ def check_args(args) -> None:
             and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
                          "(give a checkpoint-N folder or `latest`)")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail now, not after hours of training, if outputs cannot be written."""
+    import tempfile
+
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output_dir {output_dir} is not writable ({error.strerror or error}); "
+                         "choose another folder") from None
+
+
+def check_8bit_adam() -> None:
+    try:
+        import bitsandbytes as bnb
+
+        bnb.optim.AdamW8bit  # noqa: B018
+    except Exception as error:  # ImportError, or a build without optimisers for this machine
+        raise UsageError(f"--use_8bit_adam: bitsandbytes cannot run here ({error}); install a "
+                         "bitsandbytes build for this machine or drop the flag") from None
 
 
 def save_resolved_config(args, path: str) -> None:

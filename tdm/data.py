@@ -33,7 +33,11 @@ def _load_dataset(source: str):
 
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source) and ext in TABLE_FORMATS:
-        return datasets.load_dataset(TABLE_FORMATS[ext], data_files=source, split="train")
+        datasets.disable_progress_bars()   # one local file: a bar would only clutter the log
+        try:
+            return datasets.load_dataset(TABLE_FORMATS[ext], data_files=source, split="train")
+        finally:
+            datasets.enable_progress_bars()
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "dataset_info.json")) or \
                 os.path.exists(os.path.join(source, "state.json")):

@@ -41,3 +41,30 @@ def save_lora(module: torch.nn.Module, save_directory: str, prefix: str,
                                      lora_metadata={prefix: metadata},
                                      weight_name=LORA_WEIGHT_NAME)
     return os.path.join(save_directory, LORA_WEIGHT_NAME)
+
+
+def check_lora_file(path: str, module: torch.nn.Module, prefix: str) -> None:
+    """Refuse a LoRA file written for another model: every `<prefix>.<layer>.lora_A/B` key must name
+    a Linear/Conv layer of `module` with matching feature sizes. Raises ValueError."""
+    from safetensors import safe_open
+
+    layers = dict(module.named_modules())
+    problems = []
+    with safe_open(path, framework="pt") as f:
+        keys = [k for k in f.keys() if ".lora_A." in k or ".lora_B." in k]
+        if not keys:
+            raise ValueError(f"{path} holds no LoRA weights")
+        for key in keys:
+            name = key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
+            layer_name, kind = name.split(".lora_")[0], name.split(".lora_")[1][0]
+            layer = layers.get(layer_name)
+            shape = f.get_slice(key).get_shape()
+            if layer is None or not hasattr(layer, "weight"):
+                problems.append(f"{layer_name} is not a layer of this model")
+            elif kind == "A" and shape[1] != layer.weight.shape[1]:
+                problems.append(f"{layer_name} takes {layer.weight.shape[1]} features, the LoRA {shape[1]}")
+            elif kind == "B" and shape[0] != layer.weight.shape[0]:
+                problems.append(f"{layer_name} gives {layer.weight.shape[0]} features, the LoRA {shape[0]}")
+    if problems:
+        raise ValueError(f"{path} does not match this model: {len(problems)} of {len(keys)} LoRA "
+                         f"tensors disagree, e.g. {problems[0]}")

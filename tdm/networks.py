@@ -79,6 +79,7 @@ class Networks:
     student_adapter: Optional[str] = None   # lora: the student's adapter on the shared base
     checkpointed: Dict[str, torch.nn.Module] = field(default_factory=dict)
     manual_gradient_sync: bool = False      # lora: the shared base is not DDP-wrapped
+    sharded: bool = False                   # FSDP/DeepSpeed: accelerate saves the models itself
     wrapped: List[torch.nn.Module] = field(default_factory=list)   # DDP modules, for accumulate()
 
     def modules(self) -> List[torch.nn.Module]:
@@ -139,8 +140,12 @@ def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerato
                    lora_rank: int = 64, lora_alpha: float = 64.0,
                    gradient_checkpointing: bool = False) -> Networks:
     if train_mode == "lora":
-        return lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,
-                             gradient_checkpointing)
+        networks = lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,
+                                 gradient_checkpointing)
+        if accelerator.num_processes > 1:   # what DDP would do: every rank starts from rank 0's init
+            for param in networks.student_params + networks.fake_params:
+                torch.distributed.broadcast(param.data, src=0)
+        return networks
     return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing)
 
 
@@ -156,13 +161,16 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         copies.append(net)
     student_wrapped, fake_wrapped = accelerator.prepare(*copies)
     student, fake = copies
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     return Networks(
         teacher=backbone.denoiser(teacher),
         student=backbone.denoiser(student_wrapped), fake=backbone.denoiser(fake_wrapped),
-        student_eval=backbone.denoiser(student), fake_eval=backbone.denoiser(fake),
-        student_params=_trainable(student), fake_params=_trainable(fake),
-        student_module=student, checkpointed={STUDENT: student, FAKE_SCORE: fake},
-        wrapped=[student_wrapped, fake_wrapped])
+        # sharded wrappers own the parameters (and must run every forward themselves)
+        student_eval=backbone.denoiser(student_wrapped if sharded else student),
+        fake_eval=backbone.denoiser(fake_wrapped if sharded else fake),
+        student_params=_trainable(student_wrapped), fake_params=_trainable(fake_wrapped),
+        student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake},
+        wrapped=[student_wrapped, fake_wrapped], sharded=sharded)
 
 
 def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: float,

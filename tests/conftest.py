@@ -37,14 +37,19 @@ def backbone(tiny_pixart):
     return bb
 
 
-def run_script(args, cwd=None, timeout=600):
+def run_script(args, cwd=None, timeout=600, env=None):
     """Run a project script in a fresh interpreter; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run(args, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def accelerate_launch(script_args, extra_launch=(), timeout=600):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+def accelerate_launch(script_args, extra_launch=(), timeout=600, processes=1):
+    """`accelerate launch train_tdm.py …` on the CPU; several processes are gloo ranks."""
+    if processes > 1:   # plain --cpu --num_processes N starts one process only
+        devices, env = ["--multi_gpu", "--num_processes", str(processes)], {"ACCELERATE_USE_CPU": "true"}
+    else:
+        devices, env = ["--cpu", "--num_processes", "1"], {}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *devices,
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16",
            *extra_launch, os.path.join(ROOT, "train_tdm.py"), *script_args]
-    return run_script(cmd, timeout=timeout)
+    return run_script(cmd, timeout=timeout, env=env)

@@ -27,6 +27,8 @@ BACKBONES = _discover()
 
 
 def pipeline_class_name(model_path: str, revision: Optional[str] = None) -> str:
+    if not os.path.exists(model_path) and (os.path.isabs(model_path) or model_path.startswith(".")):
+        raise FileNotFoundError(f"no such folder {model_path}")
     if os.path.isdir(model_path):
         index = os.path.join(model_path, "model_index.json")
         if not os.path.isfile(index):

@@ -36,6 +36,21 @@ class Backbone:
         """A fresh copy of the teacher network (UNet or transformer) in `dtype`."""
         raise NotImplementedError
 
+    def denoiser_skeleton(self) -> Optional[torch.nn.Module]:
+        """The denoiser's architecture without weights (meta tensors), to check files against;
+        None where the model is not a diffusers pipeline folder."""
+        import diffusers
+        from accelerate import init_empty_weights
+
+        index = diffusers.DiffusionPipeline.load_config(self.model_path, revision=self.revision)
+        if self.denoiser_subfolder not in index:
+            return None
+        cls = getattr(diffusers, index[self.denoiser_subfolder][1])
+        config = cls.load_config(self.model_path, subfolder=self.denoiser_subfolder,
+                                 revision=self.revision)
+        with init_empty_weights():
+            return cls.from_config(config)
+
     def load_text_encoders(self, device, dtype) -> None:
         raise NotImplementedError
 
