@@ -68,6 +68,16 @@ def test_resume_continues_exactly(tiny_pixart, tmp_path, mode):
     check(accelerate_launch(tiny_flags(tiny_pixart, split, 2, *common, *no_amp)))
     check(accelerate_launch(tiny_flags(tiny_pixart, split, 4, *common, *no_amp,
                                        "--resume_from_checkpoint", "latest")))
+    import json
+
+    def losses(folder):
+        lines = [json.loads(l) for l in (folder / "train_log.jsonl").read_text().splitlines()]
+        return {l["step"]: (l["loss_fake"], l["loss_generator"]) for l in lines if "loss_fake" in l}
+
+    straight_losses, split_losses = losses(straight), losses(split)
+    assert sorted(split_losses) == sorted(straight_losses) == [1, 2, 3, 4]
+    for step in straight_losses:
+        assert split_losses[step] == pytest.approx(straight_losses[step], rel=1e-5, abs=1e-7)
     names = ["lora"] if mode == "lora" else ["student", "fake_score"]
     for name in names:
         a = load_file(str(straight / "checkpoint-4" / f"{name}.safetensors"))
