@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Print the markdown flag reference of train_tdm.py (pasted into the README)."""
+import argparse
 import os
 import sys
 
@@ -11,7 +12,8 @@ def table() -> str:
     lines = []
     parser = build_parser()
     for group in parser._action_groups:
-        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        actions = [a for a in group._group_actions
+                   if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
         if not actions:
             continue
         lines.append(f"\n**{group.title}**\n\n| flag | default | meaning |\n|---|---|---|")

@@ -6,7 +6,6 @@ import hashlib
 import os
 from typing import List
 
-import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 

@@ -3,7 +3,7 @@ import torch
 
 from tdm.conditions import expand_condition
 from tdm.method import TDM, NoiseGenerator, TDMConfig
-from tdm.networks import FAKE_SCORE, STUDENT, lora_networks
+from tdm.networks import lora_networks
 from tdm.trajectory import StepGrid
 
 PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree", "a yellow bird"]

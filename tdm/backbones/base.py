@@ -31,6 +31,9 @@ class Backbone:
         self.options = dict(options or {})   # --backbone_options
         self.path: GaussianPath = None
 
+    def _load_kwargs(self) -> dict:
+        return {"revision": self.revision} if self.revision else {}
+
     # -- models ---------------------------------------------------------------------------
     def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
         """A fresh copy of the teacher network (UNet or transformer) in `dtype`."""
@@ -53,6 +56,19 @@ class Backbone:
 
     def load_text_encoders(self, device, dtype) -> None:
         raise NotImplementedError
+
+    def t5_text_pipeline(self, pipeline_class, device, dtype):
+        """`pipeline_class` holding only the model's tokenizer and T5 encoder, so that training
+        embeds prompts with the pipeline's own encode_prompt, exactly as inference does."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        kw = self._load_kwargs()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **kw)
+        text_encoder = T5EncoderModel.from_pretrained(
+            self.model_path, subfolder="text_encoder", variant=self.variant, dtype=dtype, **kw)
+        text_encoder.requires_grad_(False).eval().to(device)
+        return pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=None,
+                              transformer=None, scheduler=None)
 
     def load_vae(self, device, dtype) -> None:
         raise NotImplementedError

@@ -55,9 +55,6 @@ class CogVideoXBackbone(Backbone):
         self.text_pipeline = None
         self.vae_pipeline = None
 
-    def _load_kwargs(self):
-        return {"revision": self.revision} if self.revision else {}
-
     # -- models ---------------------------------------------------------------------------
     def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
         from diffusers import CogVideoXTransformer3DModel
@@ -68,16 +65,8 @@ class CogVideoXBackbone(Backbone):
 
     def load_text_encoders(self, device, dtype) -> None:
         from diffusers import CogVideoXPipeline
-        from transformers import AutoTokenizer, T5EncoderModel
 
-        kw = self._load_kwargs()
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **kw)
-        text_encoder = T5EncoderModel.from_pretrained(
-            self.model_path, subfolder="text_encoder", variant=self.variant, dtype=dtype, **kw)
-        text_encoder.requires_grad_(False).eval().to(device)
-        # The pipeline's own encode_prompt, so that training and inference embed prompts alike.
-        self.text_pipeline = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                                               vae=None, transformer=None, scheduler=None)
+        self.text_pipeline = self.t5_text_pipeline(CogVideoXPipeline, device, dtype)
 
     def load_vae(self, device, dtype) -> None:
         from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline

@@ -44,9 +44,6 @@ class PixArtBackbone(Backbone):
         self.text_pipeline = None
         self.vae = None
 
-    def _load_kwargs(self):
-        return {"revision": self.revision} if self.revision else {}
-
     # -- models ---------------------------------------------------------------------------
     def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
         from diffusers import PixArtTransformer2DModel
@@ -57,16 +54,8 @@ class PixArtBackbone(Backbone):
 
     def load_text_encoders(self, device, dtype) -> None:
         from diffusers import PixArtAlphaPipeline
-        from transformers import AutoTokenizer, T5EncoderModel
 
-        kw = self._load_kwargs()
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **kw)
-        text_encoder = T5EncoderModel.from_pretrained(
-            self.model_path, subfolder="text_encoder", variant=self.variant, dtype=dtype, **kw)
-        text_encoder.requires_grad_(False).eval().to(device)
-        # The pipeline's own encode_prompt, so that training and inference embed prompts alike.
-        self.text_pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                                                 vae=None, transformer=None, scheduler=None)
+        self.text_pipeline = self.t5_text_pipeline(PixArtAlphaPipeline, device, dtype)
 
     def offload_text_encoders(self) -> None:
         self.text_pipeline.text_encoder.to("cpu")

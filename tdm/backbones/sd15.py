@@ -43,9 +43,6 @@ class StableDiffusionBackbone(Backbone):
         self.text_pipeline = None
         self.vae = None
 
-    def _load_kwargs(self):
-        return {"revision": self.revision} if self.revision else {}
-
     def _pipeline_cls(self):
         import diffusers
 
