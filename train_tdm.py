@@ -288,6 +288,7 @@ def build(args):
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
+                                             importance_weight=not args.no_importance_weight,
                                              lazy_rollout=not args.full_rollout,
                                              share_step_draw=args.share_step_draw), noise_generator)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="One step index k per sample for both updates (shallower rollouts).")
     g.add_argument("--full_rollout", action="store_true",
                    help="Roll every sample out to the last step (reference for the lazy rollout).")
+    g.add_argument("--no_importance_weight", action="store_true",
+                   help="Ablation: w_IS = 1 in the fake-score loss.")
     g.add_argument("--snr_gamma", type=float, default=5.0, help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
     g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),

@@ -37,14 +37,18 @@ def dmd_normalizer(x0: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
 
 
 class FakeScoreLoss:
-    """L_ψ = mean_b[ min(SNR_t, 5) · w_IS · mean_pixels (x0_ψ − x̂0)² ]  (TDM_SPEC §4)."""
+    """L_ψ = mean_b[ min(SNR_t, 5) · w_IS · mean_pixels (x0_ψ − x̂0)² ]  (TDM_SPEC §4).
+    `use_importance_weight=False` sets w_IS = 1 (the paper's ablation)."""
 
-    def __init__(self, path: GaussianPath, snr_gamma: float = 5.0):
+    def __init__(self, path: GaussianPath, snr_gamma: float = 5.0, use_importance_weight: bool = True):
         self.path = path
         self.snr_gamma = snr_gamma
+        self.use_importance_weight = use_importance_weight
 
     def __call__(self, x0_fake, x0_student, t, m, n) -> torch.Tensor:
-        weight = min_snr_weight(self.path, t, self.snr_gamma) * importance_weight(m, n)
+        weight = min_snr_weight(self.path, t, self.snr_gamma)
+        if self.use_importance_weight:
+            weight = weight * importance_weight(m, n)
         mse = per_sample_mean((x0_fake.float() - x0_student.detach().float()) ** 2)
         return (weight.detach() * mse).mean()
 

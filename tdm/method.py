@@ -24,6 +24,7 @@ class TDMConfig:
     randmid: bool = False       # --use_randmid
     loss: str = "mse"           # mse | huber | huber_norm
     snr_gamma: float = 5.0
+    importance_weight: bool = True  # w_IS of §4 (False: the paper's ablation)
     lazy_rollout: bool = True   # advance each sample only as deep as its draws need
     share_step_draw: bool = False  # one k per sample for both updates
 
@@ -52,7 +53,7 @@ class TDM:
         self.grid = grid
         self.config = config
         self.noise = noise
-        self.fake_score_objective = FakeScoreLoss(path, config.snr_gamma)
+        self.fake_score_objective = FakeScoreLoss(path, config.snr_gamma, config.importance_weight)
         self.generator_objective = GeneratorLoss(config.loss)
 
     def draw(self, batch: int, device):

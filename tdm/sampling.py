@@ -39,7 +39,7 @@ def resolve_weights(weights: Optional[str]) -> Optional[Tuple[str, str]]:
         return "lora", os.path.join(weights, LORA_WEIGHT_NAME)
     if os.path.isfile(os.path.join(weights, "config.json")):
         return "full", weights
-    for sub in ("transformer", "unet"):
+    for sub in ("transformer", "unet", "denoiser"):
         if os.path.isfile(os.path.join(weights, sub, "config.json")):
             return "full", os.path.join(weights, sub)
     raise FileNotFoundError(f"--weights {weights}: no {LORA_WEIGHT_NAME} and no model folder inside")

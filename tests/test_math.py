@@ -204,3 +204,10 @@ def test_rollout_equals_hand_computation(path):
     state, x0, eps = traj.at(torch.tensor([2, 1]))
     torch.testing.assert_close(state[0], z[0])
     torch.testing.assert_close(x0[1], traj.sample[1])
+
+
+def test_fake_score_loss_without_importance_weight(path):
+    x0_fake, x0_student = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])
+    t, m, n = torch.tensor([10]), torch.ones(1, 2), torch.zeros(1, 2)
+    loss = FakeScoreLoss(path, use_importance_weight=False)(x0_fake, x0_student, t, m, n)
+    assert loss.item() == pytest.approx(5.0 * (1 + 4) / 2)

@@ -1,0 +1,103 @@
+"""The 2-D Gaussian-mixture benchmark (issue 3): SWD, the toy2d adapter, a shortened job."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from tdm.metrics import sliced_wasserstein
+
+SMALL = {"network": {"hidden": 32, "depth": 1, "time_channels": 16},
+         "teacher": {"steps": 30, "batch_size": 64}}
+
+
+def test_swd_of_two_point_masses_is_the_distance_over_root_d():
+    a, b = torch.zeros(1000, 2), torch.tensor([3.0, 4.0]).expand(1000, 2)
+    assert sliced_wasserstein(a, b, num_projections=20000) == pytest.approx(5 / math.sqrt(2), rel=0.02)
+    assert sliced_wasserstein(a, a) == 0.0
+
+
+def test_swd_of_two_centred_gaussians_is_the_std_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g)
+    y = 3 * torch.randn(40000, 2, generator=g)          # a reference twice as large
+    assert sliced_wasserstein(x, y, 256) == pytest.approx(2.0, rel=0.03)
+    with pytest.raises(ValueError):
+        sliced_wasserstein(x, y[:30000])
+
+
+def test_swd_sw1_of_point_masses():
+    a, b = torch.zeros(10, 2), torch.tensor([1.0, 0.0]).expand(10, 2)
+    # E|cos θ| over the circle = 2/π
+    assert sliced_wasserstein(a, b, 50000, p=1) == pytest.approx(2 / math.pi, rel=0.02)
+
+
+def toy(tmp_path, **mixture):
+    from tdm.backbones import load_backbone
+
+    return load_backbone(str(tmp_path / "teacher"), "toy2d", options={**SMALL, "mixture": mixture})
+
+
+def test_teacher_is_pretrained_once_and_reused(tmp_path, monkeypatch):
+    first = toy(tmp_path)
+    assert (tmp_path / "teacher" / "denoiser" / "config.json").is_file()
+    import tdm.backbones.toy2d as adapter
+
+    monkeypatch.setattr(adapter, "pretrain_teacher", lambda *a, **k: pytest.fail("retrained"))
+    second = toy(tmp_path)
+    for p, q in zip(first.load_denoiser().parameters(), second.load_denoiser().parameters()):
+        assert torch.equal(p, q)
+    from tdm.config import UsageError
+
+    with pytest.raises(UsageError, match="other settings"):
+        toy(tmp_path, std=0.2)
+
+
+def test_conditional_mixture_labels_empty_condition_and_cfg(tmp_path):
+    from tdm.method import TDM, TDMConfig
+    from tdm.trajectory import StepGrid
+
+    bb = toy(tmp_path, conditional=True, circle={"modes": 4, "radius": 2.0})
+    cond = bb.encode_prompts(["0", "3", ""])
+    assert cond["class_labels"].tolist() == [0, 3, 4]       # "" is the empty condition
+    from tdm.config import UsageError
+
+    with pytest.raises(UsageError):
+        bb.encode_prompts(["a cat"])
+    teacher = bb.denoiser(bb.load_denoiser().eval())
+    x_t, t = torch.randn(3, 2), torch.full((3,), 500)
+    uncond = bb.encode_prompts([""] * 3)
+    tdm = TDM(bb.path, StepGrid.uniform(4, 900), TDMConfig(cfg=3.0))
+    guided = tdm.teacher_x0(teacher, x_t, t, cond, uncond)
+    x0_c, x0_u = teacher(x_t, t, cond)[0], teacher(x_t, t, uncond)[0]
+    torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u))
+    assert not torch.allclose(x0_c[:2], x0_u[:2])
+    assert bb.decode(torch.randn(2, 2)).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
+    out = tmp_path / "toy"
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy2d.py"),
+                       "--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
+                       "--output_dir", str(out), "--pretrained_model_name_or_path",
+                       str(tmp_path / "teacher"), "--max_train_steps", "300",
+                       "--samples", "4000", "--reference_factor", "2",
+                       "--backbone_options", json.dumps({
+                           "mixture": {"circle": {"modes": 8, "radius": 2.0}, "std": 0.1},
+                           "network": {"hidden": 64, "depth": 2, "time_channels": 32},
+                           "teacher": {"steps": 800, "batch_size": 512, "lr": 3e-3}})],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((out / "toy_eval.json").read_text())
+    swd = result["swd"]
+    assert swd["student_4step"] < swd["teacher_ddim4"], swd
+    for name in ("toy2d.png", "toy_eval.md", "toy_samples.npz"):
+        assert (out / name).is_file()
+    import numpy as np
+
+    arrays = np.load(out / "toy_samples.npz")
+    assert set(arrays.files) == set(swd) and arrays["student_4step"].shape == (4000, 2)
