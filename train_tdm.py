@@ -10,9 +10,9 @@ direction at a freshly drawn point. The maths is in tdm/; this file wires it to 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-import json
 import os
 import signal
 import sys

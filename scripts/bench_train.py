@@ -100,13 +100,23 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker(args) -> dict:
     import torch
 
     import train_tdm
     from tdm.config import parse_args
 
+    import accelerate  # noqa: F401  (imported before the baseline, which should hold no model)
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
     folder = model_folder(args.size)
+    baseline = current_rss_mb()   # the interpreter, torch and the libraries, before any model
     out = tempfile.mkdtemp(prefix="tdm-bench-")
     flags = ["--pretrained_model_name_or_path", folder, "--output_dir", out, "--train_mode",
              args.train_mode, "--resolution", str(RESOLUTION[args.size]), "--train_batch_size",
@@ -152,6 +162,7 @@ def worker(args) -> dict:
                                           for k in ("student", "fake_score")},
         "seconds_per_iteration": round(statistics.median(times), 4),
         "peak_memory_MiB": round(peak_memory_mb(device), 1),
+        "baseline_rss_MiB": round(baseline, 1) if device.type != "cuda" else 0.0,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
@@ -160,15 +171,16 @@ def worker(args) -> dict:
 def markdown(rows, command: str) -> str:
     lines = [f"Measured {date.today().isoformat()} on {rows[0]['device']} "
              f"({os.cpu_count()} CPU cores visible), `{command}`:", "",
-             "| size | mode | batch | fwd rows/sample (teacher + student + fake) | backward/iter | s/iter | peak memory |",
-             "|---|---|---|---|---|---|---|"]
+             "| size | mode | batch | fwd rows/sample (teacher + student + fake) | backward/iter | s/iter | peak memory | above baseline |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["forward_rows_per_sample"]
         b = r["backward_passes_per_iteration"]
         lines.append(f"| {r['size']} ({r['denoiser_params_M']} M) | {r['train_mode']}{' ' + r['extra'] if r['extra'] else ''} "
                      f"| {r['batch']} | {r['forward_rows_per_sample_total']:.2f} = {f['teacher']:.2f} + "
                      f"{f['student']:.2f} + {f['fake_score']:.2f} | {b['student'] + b['fake_score']:.0f} "
-                     f"| {r['seconds_per_iteration']:.3f} | {r['peak_memory_MiB']:.0f} MiB ({r['memory_kind']}) |")
+                     f"| {r['seconds_per_iteration']:.3f} | {r['peak_memory_MiB']:.0f} MiB ({r['memory_kind']}) "
+                     f"| {r['peak_memory_MiB'] - r['baseline_rss_MiB']:.0f} MiB |")
     return "\n".join(lines) + "\n"
 
 
