@@ -81,12 +81,29 @@ class Backbone:
     def encode_prompts(self, prompts: List[str]) -> dict:
         raise NotImplementedError
 
+    def read_configs(self, denoiser_class, vae_class) -> dict:
+        """The denoiser's and the VAE's configs, no weights: `denoiser_config` (channels, patch
+        size) and `vae_scale_factor`. Returns the VAE config."""
+        kw = self._load_kwargs()
+        self.denoiser_config = denoiser_class.load_config(self.model_path,
+                                                          subfolder=self.denoiser_subfolder, **kw)
+        vae_config = vae_class.load_config(self.model_path, subfolder="vae", **kw)
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return vae_config
+
     def latent_shape(self, resolution: int, num_frames: Optional[int] = None) -> tuple:
-        """Shape of one sample's latent, without the batch dimension."""
-        raise NotImplementedError
+        """Shape of one sample's latent, without the batch dimension (default: an image latent
+        of the denoiser's in_channels at resolution / VAE factor)."""
+        size = resolution // self.vae_scale_factor
+        return (self.denoiser_config["in_channels"], size, size)
 
     def check_resolution(self, resolution: int) -> None:
-        raise NotImplementedError
+        """Raise ValueError unless latents of this size fit the VAE factor and the patch size."""
+        patch = self.denoiser_config.get("patch_size") or 1
+        factor = self.vae_scale_factor * patch
+        if resolution <= 0 or resolution % factor:
+            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} "
+                             f"(VAE factor {self.vae_scale_factor} × patch size {patch})")
 
     def image_size(self, resolution: int) -> tuple:
         """(height, width) in pixels for --resolution: square unless the family reads its own

@@ -46,11 +46,8 @@ class CogVideoXBackbone(Backbone):
         self.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
         self.prediction_type = self.scheduler.config.prediction_type
         self.path = GaussianPath.from_scheduler(self.scheduler)
-        self.transformer_config = CogVideoXTransformer3DModel.load_config(
-            model_path, subfolder="transformer", **kw)
-        self.max_sequence_length = self.transformer_config["max_text_seq_length"]
-        vae_config = AutoencoderKLCogVideoX.load_config(model_path, subfolder="vae", **kw)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        vae_config = self.read_configs(CogVideoXTransformer3DModel, AutoencoderKLCogVideoX)
+        self.max_sequence_length = self.denoiser_config["max_text_seq_length"]
         self.vae_temporal_factor = vae_config["temporal_compression_ratio"]
         self.text_pipeline = None
         self.vae_pipeline = None
@@ -92,26 +89,26 @@ class CogVideoXBackbone(Backbone):
         return int(self.options.get("height", resolution)), int(self.options.get("width", resolution))
 
     def num_frames(self, num_frames: Optional[int] = None) -> int:
-        return num_frames or self.transformer_config["sample_frames"]
+        return num_frames or self.denoiser_config["sample_frames"]
 
     def latent_shape(self, resolution: int, num_frames: Optional[int] = None) -> tuple:
         """(latent frames, C, h, w), the per-video shape of the pipeline's [B, F, C, H, W]
         latents; CogVideoX 1.5 (patch_size_t) pads the frames as the pipeline does."""
         frames = (self.num_frames(num_frames) - 1) // self.vae_temporal_factor + 1
-        patch_t = self.transformer_config.get("patch_size_t")
+        patch_t = self.denoiser_config.get("patch_size_t")
         if patch_t:
             frames += -frames % patch_t
         height, width = self.image_size(resolution)
-        return (frames, self.transformer_config["in_channels"], height // self.vae_scale_factor,
+        return (frames, self.denoiser_config["in_channels"], height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
     def check_resolution(self, resolution: int) -> None:
-        factor = self.vae_scale_factor * self.transformer_config["patch_size"]
+        factor = self.vae_scale_factor * self.denoiser_config["patch_size"]
         for side in self.image_size(resolution):
             if side <= 0 or side % factor:
                 raise ValueError(f"height and width must be multiples of {factor} (VAE factor "
                                  f"{self.vae_scale_factor} × patch size "
-                                 f"{self.transformer_config['patch_size']}), got {side}")
+                                 f"{self.denoiser_config['patch_size']}), got {side}")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -125,14 +122,14 @@ class CogVideoXBackbone(Backbone):
     def rotary_embeddings(self, x_t: torch.Tensor):
         """cos/sin tables for latents x_t [B, F, C, h, w], from CogVideoXPipeline's own
         `_prepare_rotary_positional_embeddings`; None where the model has no rotary positions."""
-        if not self.transformer_config.get("use_rotary_positional_embeddings"):
+        if not self.denoiser_config.get("use_rotary_positional_embeddings"):
             return None
         from diffusers import CogVideoXPipeline
 
         frames, _, height, width = x_t.shape[1:]
         pipeline_view = SimpleNamespace(vae_scale_factor_spatial=self.vae_scale_factor,
                                         transformer=SimpleNamespace(config=SimpleNamespace(
-                                            **self.transformer_config)))
+                                            **self.denoiser_config)))
         return CogVideoXPipeline._prepare_rotary_positional_embeddings(
             pipeline_view, height * self.vae_scale_factor, width * self.vae_scale_factor, frames,
             x_t.device)

@@ -37,10 +37,7 @@ class PixArtBackbone(Backbone):
         kw = self._load_kwargs()
         self.scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
         self.path = GaussianPath.from_scheduler(self.scheduler)
-        self.transformer_config = PixArtTransformer2DModel.load_config(
-            model_path, subfolder="transformer", revision=revision)
-        vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=revision)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.read_configs(PixArtTransformer2DModel, AutoencoderKL)
         self.text_pipeline = None
         self.vae = None
 
@@ -75,17 +72,6 @@ class PixArtBackbone(Backbone):
             list(prompts), do_classifier_free_guidance=False, device=device, clean_caption=False,
             max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-
-    def latent_shape(self, resolution: int, num_frames=None) -> tuple:
-        size = resolution // self.vae_scale_factor
-        return (self.transformer_config["in_channels"], size, size)
-
-    def check_resolution(self, resolution: int) -> None:
-        factor = self.vae_scale_factor * self.transformer_config["patch_size"]
-        if resolution <= 0 or resolution % factor:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} "
-                             f"(VAE factor {self.vae_scale_factor} × patch size "
-                             f"{self.transformer_config['patch_size']})")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

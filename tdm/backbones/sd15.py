@@ -36,10 +36,8 @@ class StableDiffusionBackbone(Backbone):
         self.scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
         self.prediction_type = self.scheduler.config.prediction_type
         self.path = GaussianPath.from_scheduler(self.scheduler)
-        self.unet_config = UNet2DConditionModel.load_config(model_path, subfolder="unet", **kw)
-        vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", **kw)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.resolution = self.unet_config["sample_size"] * self.vae_scale_factor
+        self.read_configs(UNet2DConditionModel, AutoencoderKL)
+        self.resolution = self.denoiser_config["sample_size"] * self.vae_scale_factor
         self.text_pipeline = None
         self.vae = None
 
@@ -102,15 +100,10 @@ class StableDiffusionBackbone(Backbone):
     def _text_device(self):
         return self.text_pipeline.text_encoder.device
 
-    def latent_shape(self, resolution: int, num_frames=None) -> tuple:
-        size = resolution // self.vae_scale_factor
-        return (self.unet_config["in_channels"], size, size)
-
     def check_resolution(self, resolution: int) -> None:
-        """The pipeline's rule (a multiple of the VAE factor); remembers the training size."""
-        if resolution <= 0 or resolution % self.vae_scale_factor:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {self.vae_scale_factor} "
-                             "(the VAE factor)")
+        """A multiple of the VAE factor (UNets have no patch size); remembers the training size,
+        which SDXL's time ids hold."""
+        super().check_resolution(resolution)
         self.resolution = resolution
 
     @torch.no_grad()

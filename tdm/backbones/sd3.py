@@ -21,7 +21,6 @@ import torch
 
 from ..path import GaussianPath
 from .base import Backbone
-from .pixart import PixArtBackbone
 
 # The scheduler of the upstream TDM-SD3 snippet: DPMSolverMultistepScheduler loaded from
 # Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers (subfolder "scheduler"), which is not
@@ -67,10 +66,7 @@ class SD3Backbone(Backbone):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             model_path, subfolder="scheduler", revision=revision)
         self.path = flow_path(self.scheduler)
-        self.transformer_config = SD3Transformer2DModel.load_config(
-            model_path, subfolder="transformer", revision=revision)
-        vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=revision)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.read_configs(SD3Transformer2DModel, AutoencoderKL)
         self.text_pipeline = None
         self.vae = None
 
@@ -116,8 +112,6 @@ class SD3Backbone(Backbone):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     # The same 2-D latent geometry as PixArt (VAE factor × patch size): shared, not copied.
-    latent_shape = PixArtBackbone.latent_shape
-    check_resolution = PixArtBackbone.check_resolution
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
