@@ -63,7 +63,9 @@ class Toy2DBackbone(Backbone):
                 raise UsageError(f"{self.model_path} holds a toy2d teacher for other settings "
                                  f"({cached}); delete it or pick another folder")
             return
-        net = ToyDenoiser(num_classes=self.mixture.num_classes, **self.spec["network"])
+        with torch.random.fork_rng(devices=[]):   # the initial weights follow the teacher seed too
+            torch.manual_seed(self.spec["teacher"].get("seed", 0))
+            net = ToyDenoiser(num_classes=self.mixture.num_classes, **self.spec["network"])
         teacher = pretrain_teacher(net, self.mixture, self.path, **self.spec["teacher"])
         self._save_teacher(teacher)
 
