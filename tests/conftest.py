@@ -25,16 +25,23 @@ def tiny_pixart(tmp_path_factory):
     return build_tiny_pixart(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))
 
 
-@pytest.fixture(scope="session")
-def backbone(tiny_pixart):
+def loaded_backbone(path, options=None, resolution=None):
+    """The adapter of a tiny pipeline with its text encoders and VAE on the CPU, in fp32."""
     import torch
 
     from tdm.backbones import load_backbone
 
-    bb = load_backbone(tiny_pixart)
+    bb = load_backbone(path, options=options)
+    if resolution:
+        bb.check_resolution(resolution)
     bb.load_text_encoders("cpu", torch.float32)
     bb.load_vae("cpu", torch.float32)
     return bb
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_pixart):
+    return loaded_backbone(tiny_pixart)
 
 
 def run_script(args, cwd=None, timeout=600, env=None):

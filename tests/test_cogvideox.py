@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, loaded_backbone, run_script
 from test_pixart import _student_teacher   # teacher + a LoRA student that differs from it
 from tdm.conditions import expand_condition
 from tdm.lora import save_lora
@@ -42,12 +42,7 @@ def tiny_cogvideox_rotary(tmp_path_factory):
 
 
 def _backbone(path, options=None):
-    from tdm.backbones import load_backbone
-
-    bb = load_backbone(path, options=options)
-    bb.load_text_encoders("cpu", torch.float32)
-    bb.load_vae("cpu", torch.float32)
-    return bb
+    return loaded_backbone(path, options)
 
 
 @pytest.fixture(scope="session")

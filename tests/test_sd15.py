@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, loaded_backbone, run_script
 
 PROMPTS = ["a red cat on a mat", "a blue boat at sea"]
 GRID = [899, 674, 449, 224]
@@ -32,13 +32,7 @@ def _tiny_family(family):
 
 
 def _loaded_backbone(model):
-    from tdm.backbones import load_backbone
-
-    bb = load_backbone(model)
-    bb.check_resolution(32)
-    bb.load_text_encoders("cpu", torch.float32)
-    bb.load_vae("cpu", torch.float32)
-    return bb
+    return loaded_backbone(model, resolution=32)
 
 
 def _student(backbone, rank=4, alpha=8.0):

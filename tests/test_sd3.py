@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, loaded_backbone, run_script
 from tdm.lora import attach_lora, save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -27,12 +27,7 @@ def tiny_sd3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd3(tiny_sd3):
-    from tdm.backbones import load_backbone
-
-    bb = load_backbone(tiny_sd3)
-    bb.load_text_encoders("cpu", torch.float32)
-    bb.load_vae("cpu", torch.float32)
-    return bb
+    return loaded_backbone(tiny_sd3)
 
 
 @pytest.fixture(scope="session")
