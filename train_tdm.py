@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
-from tdm.config import (UsageError, check_8bit_adam, check_output_dir, parse_args,
-                        save_resolved_config, step_timesteps)
+from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_output_dir,
+                        parse_args, save_resolved_config, step_timesteps)
 from tdm.data import load_prompts
 
 logger = logging.getLogger("tdm")
@@ -167,8 +167,9 @@ def all_finite(accelerator, *tensors) -> bool:
 
 @torch.no_grad()
 def log_validation(accelerator, args, run, global_step):
-    """A grid of the K-step student on fixed prompts and fixed noise (main process only, so the
-    student is called unwrapped: a DDP forward on one rank would wait for the others)."""
+    """A grid of the K-step student on fixed prompts and fixed noise. Every rank samples (a
+    sharded student needs all ranks in each forward; a DDP student is called unwrapped and
+    the other ranks would only wait); the main process writes."""
     from tdm.images import image_grid, to_pil
 
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
@@ -179,6 +180,8 @@ def log_validation(accelerator, args, run, global_step):
     noise = torch.randn(shape, generator=generator)
     with accelerator.autocast():
         latents = tdm.rollout(student, noise.to(accelerator.device), cond).sample
+    if not accelerator.is_main_process:
+        return
     grid = image_grid(to_pil(backbone.decode(latents)), rows=1)
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
@@ -229,6 +232,7 @@ def build(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_distributed(accelerator.distributed_type.value, args.train_mode)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
     if args.allow_tf32:
@@ -280,6 +284,7 @@ def build(args):
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
                                              drop_last=True, num_workers=args.dataloader_num_workers)
+    # order matters under FSDP: optimiser i is saved with model i (student, then fake score)
     generator_optimizer, fake_optimizer, dataloader, lr_scheduler = accelerator.prepare(
         generator_optimizer, fake_optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, networks)
@@ -289,7 +294,9 @@ def build(args):
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
                                              importance_weight=not args.no_importance_weight,
-                                             lazy_rollout=not args.full_rollout,
+                                             # sharded forwards are collective: every rank
+                                             # must run the same number of them
+                                             lazy_rollout=not (args.full_rollout or networks.sharded),
                                              share_step_draw=args.share_step_draw), noise_generator)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,
                            encode=encode, uncond=uncond, dataloader=dataloader,
@@ -392,8 +399,7 @@ def main(args) -> int:
                                       f"the last good state is in {path}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
-            if accelerator.is_main_process and args.validation_steps and \
-                    global_step % args.validation_steps == 0:
+            if args.validation_steps and global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, run, global_step)
             if stop.requested(accelerator):
                 path = save_checkpoint(accelerator, args, global_step)
@@ -406,13 +412,16 @@ def main(args) -> int:
                 break
 
     accelerator.wait_for_everyone()
-    checksum = float(sum(p.detach().double().sum() for p in networks.student_params))
+    full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0
+    checksum = float(sum(p.detach().double().sum()
+                         for p in (full_state.values() if full_state is not None
+                                   else networks.student_params)))
     checksums = gather_checksums(accelerator, checksum)
     if accelerator.is_main_process:
         with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
             f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
         logger.info("exported the student to %s",
-                    networks.export(args.output_dir, backbone, args.export_format))
+                    networks.export(args.output_dir, backbone, args.export_format, full_state))
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
     accelerator.end_training()
     return 0

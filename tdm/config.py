@@ -234,6 +234,17 @@ def check_output_dir(output_dir: str) -> None:
                          "choose another folder") from None
 
 
+def check_distributed(distributed_type: str, train_mode: str) -> None:
+    """Strategies the two-network loop runs under: DDP (lora/full) and FSDP (full only)."""
+    if distributed_type == "DEEPSPEED":
+        raise UsageError("DeepSpeed is not supported: TDM trains two networks with two optimisers and "
+                         "accelerate drives DeepSpeed through one engine; for sharding use "
+                         "--config_file configs/accelerate/fsdp.yaml with --train_mode full")
+    if distributed_type == "FSDP" and train_mode != "full":
+        raise UsageError("FSDP shards full fine-tunes only: use --train_mode full, or launch LoRA "
+                         "training without the FSDP config (LoRA keeps one frozen base per GPU)")
+
+
 def check_8bit_adam() -> None:
     try:
         import bitsandbytes as bnb

@@ -106,9 +106,15 @@ class Networks:
             flat /= accelerator.num_processes
             torch.nn.utils.vector_to_parameters(flat, grads)
 
-    def export(self, folder: str, backbone: Backbone, export_format: str = "diffusers") -> str:
+    def gather_student(self, accelerator) -> Optional[dict]:
+        """Sharded: the student's full state dict (a collective; on the main process, empty
+        elsewhere). None where the student module holds its own weights."""
+        return accelerator.get_state_dict(self.wrapped[0]) if self.sharded else None
+
+    def export(self, folder: str, backbone: Backbone, export_format: str = "diffusers",
+               full_state: Optional[dict] = None) -> str:
         """The student for diffusers: a LoRA file (plus a kohya file on request), or a model
-        folder of the denoiser."""
+        folder of the denoiser (from `full_state` where the student is sharded)."""
         from .lora import save_lora
 
         if self.student_adapter:
@@ -120,7 +126,11 @@ class Networks:
                                        self.student_adapter)
             return path
         path = os.path.join(folder, backbone.denoiser_subfolder)
-        self.student_module.save_pretrained(path)
+        module = self.student_module
+        if full_state is not None:
+            module = backbone.load_denoiser(torch.float32)
+            module.load_state_dict(full_state)
+        module.save_pretrained(path)
         return path
 
     def save(self, folder: str) -> None:
@@ -161,7 +171,9 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         copies.append(net)
     student_wrapped, fake_wrapped = accelerator.prepare(*copies)
     student, fake = copies
-    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    sharded = accelerator.distributed_type.value == "FSDP"
+    # accelerate pairs the i-th prepared optimiser with the i-th model when it saves sharded
+    # states: train_tdm.build prepares the generator optimiser first, then the fake score's.
     return Networks(
         teacher=backbone.denoiser(teacher),
         student=backbone.denoiser(student_wrapped), fake=backbone.denoiser(fake_wrapped),

@@ -105,3 +105,17 @@ def test_readme_documents_every_flag():
                if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS
                and f"`{a.option_strings[0]}`" not in readme]
     assert not missing, f"README flag table lacks {missing}; run scripts/flag_table.py"
+
+
+@pytest.mark.parametrize("strategy, mode, refused", [
+    ("MULTI_GPU", "lora", None), ("MULTI_GPU", "full", None), ("FSDP", "full", None),
+    ("FSDP", "lora", "FSDP shards full fine-tunes only"), ("DEEPSPEED", "full", "DeepSpeed is not supported"),
+])
+def test_distributed_strategies_refused_with_the_fix(strategy, mode, refused):
+    from tdm.config import check_distributed
+
+    if refused is None:
+        check_distributed(strategy, mode)
+        return
+    with pytest.raises(UsageError, match=refused):
+        check_distributed(strategy, mode)
