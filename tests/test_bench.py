@@ -23,3 +23,14 @@ def test_bench_train_counts_forwards_and_backwards(tmp_path):
         assert 2.0 <= rows_per_sample["student"] <= 5.0     # lazy rollout (1..4 rows) + 1 with grad
         assert r["backward_passes_per_iteration"] == {"student": 1.0, "fake_score": 1.0}
     assert "| tiny" in md.read_text()
+
+
+def test_check_fsdp_script_compares_runs(tmp_path):
+    """scripts/check_fsdp.py's own logic on CPU (its FSDP legs need GPUs): every leg runs, the
+    resumed run is compared with the straight one, the export with the logged checksum."""
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "check_fsdp.py"), "--reference_only",
+                       "--size", "tiny", "--steps", "2", "--output_dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert sum(line.endswith("| yes |") for line in table) == 4
+    assert os.path.isdir(tmp_path / "fsdp_resumed" / "checkpoint-1")
