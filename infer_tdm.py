@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
-                     backbone_name: str = "auto", backbone_options: Optional[dict] = None):
-    """(stock pipeline of the teacher with the student applied, its backbone adapter)."""
+                     backbone_name: str = "auto", backbone_options: Optional[dict] = None,
+                     num_steps: Optional[int] = None):
+    """(stock pipeline of the teacher with the student applied, its backbone adapter). A
+    step-conditioned student (TDM-unify) is conditioned on K = `num_steps`."""
     from tdm.backbones import load_backbone
 
     from tdm.config import UsageError
@@ -73,7 +75,23 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
         raise UsageError(str(error).strip().splitlines()[0]) from None
     pipe = backbone.load_pipeline(dtype, weights, lora_scale).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if weights:
+        condition_on_steps(getattr(pipe, backbone.denoiser_subfolder), weights[1], num_steps)
     return pipe, backbone
+
+
+def condition_on_steps(denoiser, weights_location: str, num_steps: Optional[int]) -> None:
+    """Apply step_embedding.safetensors (beside the LoRA / in the model folder), if any."""
+    from tdm.step_condition import apply_step_embedding, find_step_embedding_file
+
+    path = find_step_embedding_file(weights_location)
+    if path is None:
+        return
+    num_steps = num_steps or 4
+    trained = apply_step_embedding(denoiser, path, num_steps)
+    if trained and num_steps not in trained:
+        print(f"warning: this student was trained for {', '.join(map(str, trained))} steps; "
+              f"{num_steps} steps runs without a learned step condition", file=sys.stderr)
 
 
 def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], generator=None,
@@ -96,8 +114,14 @@ def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], gen
 def as_teacher(pipe, backbone, weights, scheduler, dtype):
     """The same pipeline with the teacher's network and scheduler: LoRA switched off, or the
     teacher's own denoiser in place of a fully fine-tuned student."""
+    from tdm.step_condition import find_step_embeddings
+
     denoiser_name = backbone.denoiser_subfolder
     student_scheduler, student_net = pipe.scheduler, getattr(pipe, denoiser_name)
+    steps = find_step_embeddings(student_net)          # the teacher has no step condition
+    step_condition = steps.active if steps is not None else None
+    if steps is not None:
+        steps.active = None
     pipe.scheduler = scheduler
     if weights and weights[0] == "full":
         setattr(pipe, denoiser_name, backbone.load_denoiser(dtype).to(pipe.device))
@@ -107,6 +131,8 @@ def as_teacher(pipe, backbone, weights, scheduler, dtype):
         yield pipe
     finally:
         pipe.scheduler = student_scheduler
+        if steps is not None:
+            steps.active = step_condition
         if weights and weights[0] == "full":
             setattr(pipe, denoiser_name, student_net)
         elif weights:
@@ -146,7 +172,8 @@ def run(argv=None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
-                                      config.get("backbone", "auto"), config.get("backbone_options"))
+                                      config.get("backbone", "auto"), config.get("backbone_options"),
+                                      num_steps=len(args.timesteps or []) or args.num_inference_steps)
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
                             else (None, None))
     height = args.height or trained_h

@@ -107,7 +107,7 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_o
     with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
         fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
         trajectory = tdm.rollout(networks.student_eval, noise, cond,
-                                 tdm.rollout_depth(fake_draw, generator_draw))
+                                 tdm.rollout_depth(fake_draw, generator_draw), fake_draw.num_steps)
         # 1. fake score ψ on the student's trajectory (§4)
         fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
         fake_loss = fake_loss * float("nan") if poison else fake_loss
@@ -167,9 +167,9 @@ def all_finite(accelerator, *tensors) -> bool:
 
 @torch.no_grad()
 def log_validation(accelerator, args, run, global_step):
-    """A grid of the K-step student on fixed prompts and fixed noise. Every rank samples (a
-    sharded student needs all ranks in each forward; a DDP student is called unwrapped and
-    the other ranks would only wait); the main process writes."""
+    """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K.
+    Every rank samples (a sharded student needs all ranks in each forward; a DDP student is
+    called unwrapped and the other ranks would only wait); the main process writes."""
     from tdm.images import image_grid, to_pil
 
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
@@ -179,10 +179,13 @@ def log_validation(accelerator, args, run, global_step):
     shape = (len(prompts), *backbone.latent_shape(args.resolution, args.num_frames))
     noise = torch.randn(shape, generator=generator)
     with accelerator.autocast():
-        latents = tdm.rollout(student, noise.to(accelerator.device), cond).sample
+        latents = torch.cat([tdm.rollout(student, noise.to(accelerator.device), cond, num_steps=K).sample
+                             for K in tdm.step_counts])
     if not accelerator.is_main_process:
         return
-    grid = image_grid(to_pil(backbone.decode(latents)), rows=1)
+    counts = tdm.step_counts
+    grid = image_grid(to_pil(backbone.decode(latents)), rows=len(counts),
+                      row_labels=[f"{K} steps" for K in counts] if len(counts) > 1 else None)
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     grid.save(os.path.join(folder, f"step-{global_step:06d}.png"))
@@ -222,6 +225,7 @@ def build(args):
     from tdm.backbones import load_backbone
     from tdm.method import TDM, NoiseGenerator, TDMConfig
     from tdm.networks import build_networks
+    from tdm.step_condition import step_tables
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -263,7 +267,8 @@ def build(args):
         raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
                          f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
     networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
-                              args.lora_alpha, args.gradient_checkpointing)
+                              args.lora_alpha, args.gradient_checkpointing,
+                              step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(networks.modules(), accelerator)
     if args.torch_compile:
@@ -288,7 +293,8 @@ def build(args):
     generator_optimizer, fake_optimizer, dataloader, lr_scheduler = accelerator.prepare(
         generator_optimizer, fake_optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, networks)
-    noise_generator = NoiseGenerator(accelerator.device, (args.seed or 0) + accelerator.process_index)
+    noise_generator = NoiseGenerator(accelerator.device, (args.seed or 0) + accelerator.process_index,
+                                     shared_seed=args.seed or 0)
     accelerator.register_for_checkpointing(noise_generator)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
@@ -297,7 +303,10 @@ def build(args):
                                              # sharded forwards are collective: every rank
                                              # must run the same number of them
                                              lazy_rollout=not (args.full_rollout or networks.sharded),
-                                             share_step_draw=args.share_step_draw), noise_generator)
+                                             share_step_draw=args.share_step_draw,
+                                             unify_steps=tuple(args.unify_steps or ()),
+                                             fake_step_condition=args.fake_step_condition),
+              noise_generator)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,
                            encode=encode, uncond=uncond, dataloader=dataloader,
                            fake_optimizer=fake_optimizer, generator_optimizer=generator_optimizer,

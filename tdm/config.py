@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T: grid τ_k = k·T/K − 1 (900 → 899, 674, 449, 224).")
     g.add_argument("--timesteps", type=int_list, default=None,
                    help="Explicit grid, first step first, e.g. 999,856,665,399.")
+    g.add_argument("--unify_steps", type=int_list, default=None,
+                   help="TDM-unify: step counts to train one student for, e.g. 1,2,4 (K drawn per "
+                   "iteration, grid k·T/K − 1 per K; student and fake score conditioned on K).")
+    g.add_argument("--fake_step_condition", action="store_true",
+                   help="Condition the fake score on the step index k (advised in mode 2).")
     g.add_argument("--cfg", type=float, default=4.5, help="Teacher guidance scale in the target.")
     g.add_argument("--use_separate", action="store_true",
                    help="Mode 1: each step's diffusion interval is its own.")
@@ -206,6 +211,15 @@ def check_args(args) -> None:
         raise UsageError(f"--cfg must be > 0 (1 disables guidance), got {args.cfg}")
     if args.num_steps < 1:
         raise UsageError(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.unify_steps:
+        ks = args.unify_steps
+        if args.timesteps:
+            raise UsageError("--unify_steps uses a grid k·T/K − 1 per K on --total_steps; "
+                             "drop --timesteps")
+        if min(ks) < 1 or len(set(ks)) != len(ks):
+            raise UsageError(f"--unify_steps must be distinct step counts >= 1, got {ks}")
+        args.unify_steps = sorted(ks)
+        args.num_steps = max(ks)   # the default grid (validation, inference) is the deepest
     if args.timesteps:
         ts = args.timesteps
         if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:

@@ -16,8 +16,8 @@ import torch
 
 from .backbones.base import Backbone, Denoiser
 from .checkpoint import load_trainable, save_trainable
-
-STUDENT, FAKE_SCORE = "student", "fake_score"
+from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, attach_step_embeddings,
+                             detached, find_step_embeddings, save_step_tables, split_state)
 
 
 def lora_layers(module: torch.nn.Module) -> list:
@@ -30,7 +30,7 @@ class AdapterDenoiser(Denoiser):
     """A denoiser that runs the shared base with one named adapter active, or none (teacher)."""
 
     def __init__(self, module, backbone: Backbone, adapter: Optional[str], switch: "AdapterSwitch"):
-        super().__init__(module, backbone)
+        super().__init__(module, backbone, role=adapter)
         self.adapter = adapter
         self.switch = switch
 
@@ -114,9 +114,14 @@ class Networks:
     def export(self, folder: str, backbone: Backbone, export_format: str = "diffusers",
                full_state: Optional[dict] = None) -> str:
         """The student for diffusers: a LoRA file (plus a kohya file on request), or a model
-        folder of the denoiser (from `full_state` where the student is sharded)."""
+        folder of the denoiser (from `full_state` where the student is sharded).
+        A step-conditioned student (TDM-unify) also writes its step embedding, beside the LoRA or
+        inside the model folder, as step_embedding.safetensors; the model files stay stock."""
         from .lora import save_lora
 
+        holder = find_step_embeddings(self.student_module)
+        steps = ({f"{name}.weight": table.weight for name, table in holder[STUDENT].tables.items()}
+                 if holder is not None and STUDENT in holder else {})
         if self.student_adapter:
             path = save_lora(self.student_module, folder, backbone.lora_prefix, self.student_adapter)
             if export_format == "kohya":
@@ -124,13 +129,20 @@ class Networks:
 
                 path = save_kohya_lora(self.student_module, os.path.join(folder, KOHYA_WEIGHT_NAME),
                                        self.student_adapter)
-            return path
-        path = os.path.join(folder, backbone.denoiser_subfolder)
-        module = self.student_module
-        if full_state is not None:
-            module = backbone.load_denoiser(torch.float32)
-            module.load_state_dict(full_state)
-        module.save_pretrained(path)
+            step_folder = folder
+        else:
+            step_folder = path = os.path.join(folder, backbone.denoiser_subfolder)
+            if full_state is not None:   # sharded: rebuild the student from the gathered state
+                model_state, steps = split_state(full_state, STUDENT)
+                module = backbone.load_denoiser(torch.float32)
+                module.load_state_dict(model_state)
+                module.save_pretrained(path)
+            else:
+                with detached(self.student_module):
+                    self.student_module.save_pretrained(path)
+        if steps:
+            save_step_tables(steps, backbone.step_embedding_site, os.path.join(step_folder,
+                                                                                STEP_EMBEDDING_NAME))
         return path
 
     def save(self, folder: str) -> None:
@@ -148,24 +160,28 @@ def _trainable(module) -> List[torch.nn.Parameter]:
 
 def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerator,
                    lora_rank: int = 64, lora_alpha: float = 64.0,
-                   gradient_checkpointing: bool = False) -> Networks:
+                   gradient_checkpointing: bool = False,
+                   step_tables: Optional[Dict[str, Dict[str, int]]] = None) -> Networks:
+    """`step_tables`: {role: {condition: size}} of the step embeddings (TDM_SPEC §6), if any."""
+    step_tables = step_tables or {}
     if train_mode == "lora":
         networks = lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,
-                                 gradient_checkpointing)
+                                 gradient_checkpointing, step_tables)
         if accelerator.num_processes > 1:   # what DDP would do: every rank starts from rank 0's init
             for param in networks.student_params + networks.fake_params:
                 torch.distributed.broadcast(param.data, src=0)
         return networks
-    return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing)
+    return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing, step_tables)
 
 
 def full_networks(backbone: Backbone, weight_dtype, accelerator,
-                  gradient_checkpointing: bool) -> Networks:
+                  gradient_checkpointing: bool, step_tables: Optional[dict] = None) -> Networks:
     """Frozen teacher; student and fake score as full fp32 copies, DDP-wrapped by accelerate."""
     teacher = backbone.load_denoiser(weight_dtype).requires_grad_(False).eval().to(accelerator.device)
     copies = []
-    for _ in (STUDENT, FAKE_SCORE):
+    for role in (STUDENT, FAKE_SCORE):
         net = backbone.load_denoiser(torch.float32).requires_grad_(True).train()
+        attach_step_embeddings(net, backbone.step_embedding_site, {role: (step_tables or {}).get(role)})
         if gradient_checkpointing:
             net.enable_gradient_checkpointing()
         copies.append(net)
@@ -176,24 +192,27 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
     # states: train_tdm.build prepares the generator optimiser first, then the fake score's.
     return Networks(
         teacher=backbone.denoiser(teacher),
-        student=backbone.denoiser(student_wrapped), fake=backbone.denoiser(fake_wrapped),
+        student=backbone.denoiser(student_wrapped, STUDENT),
+        fake=backbone.denoiser(fake_wrapped, FAKE_SCORE),
         # sharded wrappers own the parameters (and must run every forward themselves)
-        student_eval=backbone.denoiser(student_wrapped if sharded else student),
-        fake_eval=backbone.denoiser(fake_wrapped if sharded else fake),
+        student_eval=backbone.denoiser(student_wrapped if sharded else student, STUDENT),
+        fake_eval=backbone.denoiser(fake_wrapped if sharded else fake, FAKE_SCORE),
         student_params=_trainable(student_wrapped), fake_params=_trainable(fake_wrapped),
         student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake},
         wrapped=[student_wrapped, fake_wrapped], sharded=sharded)
 
 
 def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: float,
-                  gradient_checkpointing: bool) -> Networks:
-    """One frozen base in the compute dtype with two fp32 LoRA adapters on it."""
+                  gradient_checkpointing: bool, step_tables: Optional[dict] = None) -> Networks:
+    """One frozen base in the compute dtype with two fp32 LoRA adapters on it (and fp32 step
+    embeddings per role, named like the adapters so that each optimiser finds its own)."""
     from .lora import attach_lora
 
     base = backbone.load_denoiser(weight_dtype)
     for adapter in (STUDENT, FAKE_SCORE):
         attach_lora(base, rank, alpha, backbone.lora_target_modules, adapter_name=adapter)
     base.to(device).train()
+    attach_step_embeddings(base, backbone.step_embedding_site, step_tables or {})
     if gradient_checkpointing:
         base.enable_gradient_checkpointing()
     params = {name: [p for n, p in base.named_parameters() if f".{name}." in n and p.requires_grad]

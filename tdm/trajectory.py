@@ -107,6 +107,7 @@ class Interval:
     t_g: torch.Tensor  # the step's input time τ_k
     t_e: torch.Tensor  # end of the ODE move
     t: torch.Tensor    # diffusion time
+    num_steps: int = 0  # K of the grid it was drawn on
 
 
 def _uniform_int(low: torch.Tensor, high: torch.Tensor, generator=None) -> torch.Tensor:
@@ -135,7 +136,7 @@ def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid
     low = t_e.clamp(min=20)
     high = t_g - 10 if separate else torch.full_like(t_g, grid.horizon - 10)
     t = _uniform_int(low, high, generator)
-    return Interval(k=k, t_g=t_g, t_e=t_e, t=t)
+    return Interval(k=k, t_g=t_g, t_e=t_e, t=t, num_steps=grid.num_steps)
 
 
 def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1):

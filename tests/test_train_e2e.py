@@ -57,11 +57,14 @@ def test_upstream_command_trains_resumes_exports_and_samples(tiny_pixart, tmp_pa
     assert height == 2 * 32 and width > 2 * 32     # two rows (student, teacher), label band
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_continues_exactly(tiny_pixart, tmp_path, mode):
-    """2 steps + resume + 2 steps == 4 steps straight: step, both optimisers, scheduler, RNG, data."""
+@pytest.mark.parametrize("mode, extra", [("lora", ()), ("full", ()),
+                                         ("lora", ("--unify_steps", "1,2,4", "--fake_step_condition"))],
+                         ids=["lora", "full", "lora-unify"])
+def test_resume_continues_exactly(tiny_pixart, tmp_path, mode, extra):
+    """2 steps + resume + 2 steps == 4 steps straight: step, both optimisers, scheduler, RNG, data
+    (and, for TDM-unify, the step embeddings and the draw of K)."""
     common = ["--train_mode", mode, "--lr_scheduler", "constant", "--checkpointing_steps", "2",
-              "--validation_steps", "0", "--lora_rank", "4", "--learning_rate", "1e-3"]
+              "--validation_steps", "0", "--lora_rank", "4", "--learning_rate", "1e-3", *extra]
     straight, split = tmp_path / "straight", tmp_path / "split"
     no_amp = ["--mixed_precision", "no"]
     check(accelerate_launch(tiny_flags(tiny_pixart, straight, 4, *common, *no_amp)))

@@ -126,8 +126,12 @@ class Backbone:
         """The raw prediction of `prediction_type` for x_t (extra channels removed)."""
         raise NotImplementedError
 
-    def denoiser(self, module: torch.nn.Module) -> "Denoiser":
-        return Denoiser(module, self)
+    def denoiser(self, module: torch.nn.Module, role: Optional[str] = None) -> "Denoiser":
+        return Denoiser(module, self, role)
+
+    # Where the step condition of TDM_SPEC §6 is added: the module whose output is the
+    # timestep embedding ([batch, dim]) of the denoiser.
+    step_embedding_site: str = "time_embedding"
 
     # -- inference ------------------------------------------------------------------------
     def load_pipeline(self, dtype, weights: Optional[str] = None, lora_scale: float = 1.0):
@@ -159,12 +163,17 @@ class Backbone:
 
 
 class Denoiser:
-    """(x_t, t, condition) -> (x̂0, ε̂) in float32 (TDM_SPEC §1)."""
+    """(x_t, t, condition) -> (x̂0, ε̂) in float32 (TDM_SPEC §1). `role` (student, fake score,
+    None for the teacher) selects the step embedding that the call adds, where there is one."""
 
-    def __init__(self, module: torch.nn.Module, backbone: Backbone):
+    def __init__(self, module: torch.nn.Module, backbone: Backbone, role: Optional[str] = None):
         self.module = module
         self.backbone = backbone
+        self.role = role
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
-        out = self.backbone.model_output(self.module, x_t, t, cond)
+        from ..step_condition import step_condition
+
+        with step_condition(self.module, self.role, cond):
+            out = self.backbone.model_output(self.module, x_t, t, cond)
         return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)

@@ -27,6 +27,7 @@ class PixArtBackbone(Backbone):
     pipeline_class_names = ("PixArtAlphaPipeline",)
     prediction_type = "epsilon"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    step_embedding_site = "adaln_single.emb"     # timestep (+ size) embedding before adaLN
     max_sequence_length = 120
 
     def __init__(self, model_path: str, revision: Optional[str] = None,

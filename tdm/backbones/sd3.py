@@ -57,6 +57,7 @@ class SD3Backbone(Backbone):
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0",
                            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     max_sequence_length = 256   # T5 tokens, StableDiffusion3Pipeline's default
+    step_embedding_site = "time_text_embed"     # timestep + pooled-text embedding
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
                  variant: Optional[str] = None, options: Optional[dict] = None):

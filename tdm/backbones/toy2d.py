@@ -91,15 +91,23 @@ class Toy2DBackbone(Backbone):
                                            dtype=dtype)
 
     def load_student(self, output_dir: str, dtype=torch.float32) -> torch.nn.Module:
-        """The student exported by train_tdm.py: the LoRA on the teacher, or the full copy."""
+        """The student exported by train_tdm.py: the LoRA on the teacher, or the full copy, with
+        its step embedding if it was trained with --unify_steps (then choose K with
+        tdm.step_condition.set_num_steps; it starts at 4)."""
         from ..lora import LORA_WEIGHT_NAME
+        from ..step_condition import apply_step_embedding, find_step_embedding_file
 
         lora = os.path.join(output_dir, LORA_WEIGHT_NAME)
-        if not os.path.isfile(lora):
-            return ToyDenoiser.from_pretrained(output_dir, subfolder=self.denoiser_subfolder,
-                                               dtype=dtype)
-        net = self.load_denoiser(dtype)
-        net.load_lora_adapter(lora, prefix=self.lora_prefix, adapter_name="tdm")
+        if os.path.isfile(lora):
+            net = self.load_denoiser(dtype)
+            net.load_lora_adapter(lora, prefix=self.lora_prefix, adapter_name="tdm")
+            location = lora
+        else:
+            location = os.path.join(output_dir, self.denoiser_subfolder)
+            net = ToyDenoiser.from_pretrained(location, dtype=dtype)
+        steps = find_step_embedding_file(location)
+        if steps:
+            apply_step_embedding(net, steps, 4)
         return net
 
     def load_text_encoders(self, device, dtype) -> None:
