@@ -174,8 +174,9 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise UsageError(f"--config {path}: unknown key {key!r}{hint}")
-    if "timesteps" in values and values["timesteps"] is not None:
-        values["timesteps"] = int_list(values["timesteps"])
+    for key in ("timesteps", "unify_steps"):   # a YAML list or "1,2,4"
+        if values.get(key) is not None:
+            values[key] = int_list(values[key])
     return values
 
 

@@ -57,6 +57,8 @@ def bad_inputs(tmp, model):
         "total_steps below num_steps": (base + ["--total_steps", "2"], "--total_steps (2)"),
         "timesteps not decreasing": (base + ["--timesteps", "500,999"], "strictly decreasing"),
         "timesteps out of range": (base + ["--timesteps", "1500,700"], "outside the scheduler's range"),
+        "unify with an explicit grid": (base + ["--unify_steps", "1,2,4", "--timesteps", "999,500"],
+                                        "drop --timesteps"),
         "resolution not divisible": (["--pretrained_model_name_or_path", model, "--resolution", "30"],
                                      "must be a multiple of 4"),
         "model path missing": (["--pretrained_model_name_or_path", str(tmp / "none")], "no such folder"),
@@ -71,7 +73,8 @@ def bad_inputs(tmp, model):
 
 CASES = ["prompts missing", "prompts blank", "caption column absent", "unknown config key",
          "cfg not positive", "timesteps and num_steps disagree", "total_steps below num_steps",
-         "timesteps not decreasing", "timesteps out of range", "resolution not divisible",
+         "timesteps not decreasing", "timesteps out of range", "unify with an explicit grid",
+         "resolution not divisible",
          "model path missing", "not a diffusers folder", "resume path missing",
          "8-bit Adam cannot run", "output_dir not writable"]
 
