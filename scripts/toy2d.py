@@ -2,10 +2,20 @@
 """TDM on a 2-D Gaussian mixture, end to end: teacher pre-training (cached), distillation through
 train_tdm.py, and evaluation by sliced Wasserstein distance to fresh ground-truth samples.
 
-    python scripts/toy2d.py --config configs/toy2d.yaml [--ablations] [train_tdm.py flags ...]
+    python scripts/toy2d.py --config configs/toy2d.yaml [--ablations] [--unify] [train_tdm.py flags ...]
 
 Writes to the output_dir: toy_eval.json, toy_eval.md (the README table), toy_samples.npz (one
 array per sampler plus the ground truth) and toy2d.png (one scatter panel per sampler).
+
+--unify (TDM-unify, issue 7): after the default job (whose K-step student is reused as the
+single-K student when its flags are those of the comparison), train in OUTPUT_DIR/unify/
+  unify         the job's flags plus --unify_steps 1,2,4 (one student for 1, 2 and 4 steps),
+  k1, k2, k4    single-K students (--num_steps K; k4 only if the default job's student differs),
+  k4_fake_step  the 4-step student with --fake_step_condition (the fake score sees k; mode 2),
+all on the grids uniform(K, total_steps) (τ_k = k·T/K − 1), and evaluate each at K = 1, 2, 4
+on the default job's noise, labels, reference and projections. Writes toy2d_unify.md (the table
+and the issue's two targets with pass/miss), toy2d_unify.json, toy2d_unify_samples.npz and
+toy2d_unify.png (rows = students, columns = K). Four distillations more than the default job.
 """
 from __future__ import annotations
 
@@ -45,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads; 1 is fastest for this MLP and robust on a busy machine.")
     p.add_argument("--ablations", action="store_true",
                    help="Also train and evaluate the ablation variants (README table).")
+    p.add_argument("--unify", action="store_true",
+                   help="After the default job, also train a TDM-unify student (--unify_steps "
+                   "1,2,4), single-K students (K = 1, 2, 4) and the 4-step student with "
+                   "--fake_step_condition, and compare them at 1, 2 and 4 steps "
+                   "(toy2d_unify.md/.json/.png).")
     return p
 
 
@@ -73,17 +88,24 @@ def ground_truth(mixture, n: int, seed: int):
     return points, component
 
 
+def evaluation_inputs(backbone, n: int):
+    """(ground truth, its class labels' condition, initial noise): the same for every sampler."""
+    mixture = backbone.mixture
+    truth, component = ground_truth(mixture, n, SEEDS["ground_truth"])
+    labels = [mixture.labels[c] for c in component] if mixture.labels else [""] * n
+    cond = backbone.encode_prompts(labels)
+    noise = torch.randn((n, 2), generator=torch.Generator().manual_seed(SEEDS["noise"]))
+    return truth, cond, noise
+
+
 def sample_all(backbone, student_net, args, n: int, students_only: bool = False) -> dict:
     """Every sampler on the same initial noise and the same class labels. DDIM with N steps is
     tdm's rollout on N uniformly spaced timesteps (TDM_SPEC §2); student 1 step is the rollout
     on the grid [τ_K]."""
     from tdm.trajectory import StepGrid, rollout
 
-    mixture, path = backbone.mixture, backbone.path
-    truth, component = ground_truth(mixture, n, SEEDS["ground_truth"])
-    labels = [mixture.labels[c] for c in component] if mixture.labels else [""] * n
-    cond = backbone.encode_prompts(labels)
-    noise = torch.randn((n, 2), generator=torch.Generator().manual_seed(SEEDS["noise"]))
+    path = backbone.path
+    truth, cond, noise = evaluation_inputs(backbone, n)
     grid = StepGrid(args.timesteps)
     student = backbone.denoiser(student_net.eval())
     samples = {"ground_truth": truth} if not students_only else {}
@@ -96,6 +118,30 @@ def sample_all(backbone, student_net, args, n: int, students_only: bool = False)
             samples[f"teacher_ddim{steps}"] = rollout(teacher, noise, cond, uniform, path).sample
     samples["student_4step"] = rollout(student, noise, cond, grid, path).sample
     samples["student_1step"] = rollout(student, noise, cond, StepGrid(grid.timesteps[:1]), path).sample
+    return samples
+
+
+@torch.no_grad()
+def sample_step_counts(backbone, student_net, n: int, total_steps: int, counts,
+                       step_embedding: bool = True) -> dict:
+    """{K: the student's K-step samples} on the grids uniform(K, total_steps), the noise and
+    labels of sample_all. A step-conditioned (TDM-unify) student is told K (set_num_steps);
+    another one just takes the K steps (a 4-step student at K = 1 runs the grid [τ_4]).
+    step_embedding=False runs a unify student as plain diffusers would: without its embedding."""
+    from tdm.step_condition import find_step_embeddings, set_num_steps
+    from tdm.trajectory import StepGrid, rollout
+
+    _, cond, noise = evaluation_inputs(backbone, n)
+    student = backbone.denoiser(student_net.eval())
+    holder = find_step_embeddings(student_net)
+    samples = {}
+    for K in counts:
+        if holder is not None and step_embedding:
+            set_num_steps(student_net, K)
+        elif holder is not None:
+            holder.active = None        # the hook adds nothing: the stock network
+        samples[K] = rollout(student, noise, cond, StepGrid.uniform(K, total_steps),
+                             backbone.path).sample
     return samples
 
 
@@ -198,6 +244,7 @@ def run(argv=None) -> dict:
     if job.samples < 1 or job.reference_factor < 1:
         raise SystemExit("error: --samples and --reference_factor must be >= 1")
     args = parse_args(["--config", job.config, *train_argv])
+    students = unify_students(args) if job.unify else None
     torch.set_num_threads(job.threads)
     start = time.time()
     backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone,
@@ -213,6 +260,10 @@ def run(argv=None) -> dict:
     timings["evaluation"] = time.time() - start
     if job.ablations:
         result["ablations"] = run_ablations(args, backbone, reference, job)
+    if job.unify:
+        result["unify"] = run_unify(args, students, backbone, reference, job,
+                                    result["swd"]["ground_truth"])
+        timings["unify"] = result["unify"]["seconds"]
     result["seconds"] = timings
     write_outputs(result, samples, args.output_dir)
     return result
@@ -233,6 +284,153 @@ def run_ablations(args, backbone, reference, job) -> dict:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# TDM-unify (--unify, issue 7)
+# ---------------------------------------------------------------------------------------------
+UNIFY_COUNTS = (1, 2, 4)
+UNIFY_TOLERANCE = 1.10     # target 1: swd_unify(K) <= 1.10 · swd_single(K) at every K
+ONE_STEP_FACTOR = 0.5      # target 2: swd_unify(1) <= 0.5 · swd_4only(1)
+
+
+def settings(args) -> dict:
+    """The flags that make a distillation what it is (everything but where it is written)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and k not in ("output_dir", "config")}
+
+
+def unify_students(args) -> list:
+    """(key, label, short label, trained-for counts, namespace, or None = the default job's
+    student, or the key of a row above = that row's student evaluated without its step
+    embedding) per row of the unify table. Built from the job's flags before its distillation
+    (train_tdm.main fills in args.timesteps), so that flag errors stop the run at once."""
+    from tdm.config import UsageError, check_args
+
+    if args.timesteps:
+        raise UsageError("--unify compares the grids uniform(K, --total_steps); drop --timesteps")
+
+    def variant(folder, **changes):
+        v = copy.deepcopy(args)
+        vars(v).update({"timesteps": None, "unify_steps": None, "fake_step_condition": False,
+                        **changes})
+        v.output_dir = os.path.join(args.output_dir, "unify", folder)
+        check_args(v)
+        return v
+
+    counts = ",".join(map(str, UNIFY_COUNTS))
+    rows = [("unify", f"TDM-unify (--unify_steps {counts})", f"TDM-unify {counts}",
+             list(UNIFY_COUNTS), variant("unify", unify_steps=list(UNIFY_COUNTS)))]
+    for K in UNIFY_COUNTS:
+        single = variant(f"k{K}", num_steps=K)
+        reused = settings(single) == settings(args)
+        rows.append((f"k{K}", f"{K}-step only (--num_steps {K})" + (", the default job's" if reused else ""),
+                     f"{K}-step only", [K], None if reused else single))
+    rows.append(("unify_plain", "TDM-unify student without its step embedding (as plain diffusers "
+                 "loads the LoRA)", "unify, no step emb.", list(UNIFY_COUNTS), "unify"))
+    K = max(UNIFY_COUNTS)
+    rows.append((f"k{K}_fake_step", f"{K}-step only, --fake_step_condition",
+                 f"{K}-step, fake step cond.", [K],
+                 variant(f"k{K}_fake_step", num_steps=K, fake_step_condition=True)))
+    return rows
+
+
+def unify_targets(swd: dict) -> dict:
+    """The issue's two targets from {student key: {"K": SWD}}, with the numbers."""
+    within = {}
+    for K in UNIFY_COUNTS:
+        unify, single = swd["unify"][str(K)], swd[f"k{K}"][str(K)]
+        within[str(K)] = {"unify": unify, "single": single, "ratio": unify / single,
+                          "pass": bool(unify <= UNIFY_TOLERANCE * single)}
+    four = f"k{max(UNIFY_COUNTS)}"
+    unify, four_only = swd["unify"]["1"], swd[four]["1"]
+    return {
+        "unify_within_10pct_of_single_K": {
+            "rule": f"swd_unify(K) <= {UNIFY_TOLERANCE:.2f} * swd_single(K) for K in {list(UNIFY_COUNTS)}",
+            "per_K": within, "pass": all(row["pass"] for row in within.values())},
+        "one_step_2x_better_than_4_step_only": {
+            "rule": f"swd_unify(1) <= {ONE_STEP_FACTOR} * swd_{four}(1)",
+            "unify": unify, "four_step_only": four_only, "ratio": unify / four_only,
+            "pass": bool(unify <= ONE_STEP_FACTOR * four_only)},
+    }
+
+
+def unify_markdown(unify: dict) -> str:
+    counts = unify["counts"]
+    lines = ["| student | trained for | " + " | ".join(f"SWD {K} step{'s' if K > 1 else ''}"
+                                                    for K in counts) + " | distillation (s) |",
+             "|---|---|" + "---|" * len(counts) + "---|"]
+    for row in unify["students"].values():
+        cells = [(f"**{row['swd'][str(K)]:.4f}**" if K in row["trained_for"]
+                  else f"{row['swd'][str(K)]:.4f}") for K in counts]
+        seconds = "reused" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        lines.append(f"| {row['label']} | {', '.join(map(str, row['trained_for']))} | "
+                     + " | ".join(cells) + f" | {seconds} |")
+    lines += ["", f"SWD to ground truth (n={unify['samples']}, {unify['projections']} projections, "
+              f"grids uniform(K, {unify['total_steps']})); bold: the step counts a student was "
+              f"trained for. A fresh ground-truth sample scores {unify['ground_truth_swd']:.4f} "
+              "(the metric's own spread at this size).", ""]
+    return "\n".join(lines + target_lines(unify["targets"])) + "\n"
+
+
+def target_lines(targets: dict) -> list:
+    verdict = {True: "PASS", False: "MISS"}
+    within = targets["unify_within_10pct_of_single_K"]
+    lines = [f"Target 1, unify within 10 % of the single-K student at each K "
+             f"({within['rule']}): **{verdict[within['pass']]}**"]
+    for K, row in within["per_K"].items():
+        lines.append(f"- K={K}: unify {row['unify']:.4f} vs single {row['single']:.4f}, "
+                     f"ratio {row['ratio']:.3f}: {verdict[row['pass']]}")
+    one = targets["one_step_2x_better_than_4_step_only"]
+    lines += ["", f"Target 2, at 1 step unify at least 2× better than the 4-step-only student "
+              f"({one['rule']}): **{verdict[one['pass']]}** — unify {one['unify']:.4f} vs "
+              f"{one['four_step_only']:.4f}, ratio {one['ratio']:.3f}"]
+    return lines
+
+
+def save_unify_figure(unify: dict, samples: dict, path: str) -> None:
+    from tdm.images import image_grid
+
+    panels = [scatter_panel(samples[key][K].numpy(),
+                            f"{row['short']}\n{K} step{'s' if K > 1 else ''}, "
+                            f"SWD {row['swd'][str(K)]:.4f}")
+              for key, row in unify["students"].items() for K in unify["counts"]]
+    image_grid(panels, rows=len(unify["students"])).save(path)
+
+
+def run_unify(args, students: list, backbone, reference, job, ground_truth_swd: float) -> dict:
+    """Train the rows of unify_students (the default job's student is reused), evaluate each at
+    every K of UNIFY_COUNTS and write toy2d_unify.{md,json,png} and toy2d_unify_samples.npz."""
+    from tdm.trajectory import StepGrid
+
+    start = time.time()
+    rows, samples = {}, {}
+    for key, label, short, trained_for, variant in students:
+        reuse = variant is None or isinstance(variant, str)
+        seconds = None if reuse else distil(variant)
+        folder = (args.output_dir if variant is None else rows[variant]["output_dir"] if reuse
+                  else variant.output_dir)
+        samples[key] = sample_step_counts(backbone, backbone.load_student(folder), job.samples,
+                                          args.total_steps, UNIFY_COUNTS,
+                                          step_embedding=not isinstance(variant, str))
+        swd = swd_table({str(K): x for K, x in samples[key].items()}, reference, job.projections)
+        rows[key] = {"label": label, "short": short, "trained_for": trained_for,
+                     "output_dir": folder, "swd": swd, "seconds": seconds}
+    unify = {"counts": list(UNIFY_COUNTS), "total_steps": args.total_steps,
+             "grids": {str(K): StepGrid.uniform(K, args.total_steps).timesteps for K in UNIFY_COUNTS},
+             "samples": job.samples, "reference_samples": len(reference),
+             "projections": job.projections, "seeds": SEEDS, "ground_truth_swd": ground_truth_swd,
+             "students": rows, "targets": unify_targets({k: r["swd"] for k, r in rows.items()})}
+    unify["seconds"] = time.time() - start
+    out = args.output_dir
+    with open(os.path.join(out, "toy2d_unify.json"), "w") as f:
+        json.dump(unify, f, indent=2)
+    with open(os.path.join(out, "toy2d_unify.md"), "w") as f:
+        f.write(unify_markdown(unify))
+    np.savez(os.path.join(out, "toy2d_unify_samples.npz"),
+             **{f"{key}_{K}step": x.numpy() for key, per_k in samples.items() for K, x in per_k.items()})
+    save_unify_figure(unify, samples, os.path.join(out, "toy2d_unify.png"))
+    return unify
+
+
 def main(argv=None) -> int:
     from tdm.config import UsageError
 
@@ -245,6 +443,11 @@ def main(argv=None) -> int:
     print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in result['seconds'].items()})}")
     folder = result["output_dir"]
     print(f"figure: {os.path.join(folder, 'toy2d.png')}\ntable:  {os.path.join(folder, 'toy_eval.md')}")
+    if "unify" in result:
+        print("\n" + unify_markdown(result["unify"]))
+        print(f"figure: {os.path.join(folder, 'toy2d_unify.png')}\n"
+              f"table:  {os.path.join(folder, 'toy2d_unify.md')}\n"
+              f"json:   {os.path.join(folder, 'toy2d_unify.json')}")
     return 0
 
 

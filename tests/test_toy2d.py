@@ -101,3 +101,78 @@ def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
 
     arrays = np.load(out / "toy_samples.npz")
     assert set(arrays.files) == set(swd) and arrays["student_4step"].shape == (4000, 2)
+
+
+@pytest.mark.slow
+def test_shortened_unify_job_table_files_and_live_step_condition(tmp_path):
+    """--unify end to end on a tiny teacher and a few iterations: the table/JSON structure, the
+    exported step embedding (rows of the trained K only) and that K changes the student's output.
+    The quality targets are not asserted here (noise at this size); the full run reports them."""
+    out = tmp_path / "toy"
+    options = {"mixture": {"circle": {"modes": 8, "radius": 2.0}, "std": 0.1}, **SMALL}
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy2d.py"), "--unify",
+                       "--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
+                       "--output_dir", str(out), "--pretrained_model_name_or_path",
+                       str(tmp_path / "teacher"), "--max_train_steps", "30",
+                       "--train_batch_size", "64", "--samples", "1000", "--reference_factor", "1",
+                       "--projections", "32", "--backbone_options", json.dumps(options)],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    unify = json.loads((out / "toy2d_unify.json").read_text())
+    assert unify["counts"] == [1, 2, 4]
+    assert unify["grids"] == {"1": [599], "2": [599, 299], "4": [599, 449, 299, 149]}
+    students = unify["students"]
+    assert list(students) == ["unify", "k1", "k2", "k4", "unify_plain", "k4_fake_step"]
+    assert students["k4"]["output_dir"] == str(out) and students["k4"]["seconds"] is None  # reused
+    assert students["unify"]["trained_for"] == [1, 2, 4]
+    plain = students["unify_plain"]   # the same student, evaluated without its step embedding
+    assert plain["output_dir"] == students["unify"]["output_dir"] and plain["seconds"] is None
+    assert plain["swd"] != students["unify"]["swd"]
+    for key, row in students.items():
+        assert set(row["swd"]) == {"1", "2", "4"}
+        assert all(math.isfinite(v) and v > 0 for v in row["swd"].values()), (key, row)
+    # a 4-step student at K = 4 is the default job's 4-step sampler: same noise, same number
+    result = json.loads((out / "toy_eval.json").read_text())
+    assert students["k4"]["swd"]["4"] == pytest.approx(result["swd"]["student_4step"], rel=1e-6)
+    assert students["k4"]["swd"]["1"] == pytest.approx(result["swd"]["student_1step"], rel=1e-6)
+    targets = unify["targets"]
+    within = targets["unify_within_10pct_of_single_K"]
+    assert set(within["per_K"]) == {"1", "2", "4"} and isinstance(within["pass"], bool)
+    one = targets["one_step_2x_better_than_4_step_only"]
+    assert one["unify"] == students["unify"]["swd"]["1"] and one["four_step_only"] == students["k4"]["swd"]["1"]
+    assert one["pass"] == (one["unify"] <= 0.5 * one["four_step_only"])
+    table = (out / "toy2d_unify.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(students)
+    assert "Target 1" in table and "Target 2" in table
+    assert "toy2d_unify.md" in proc.stdout
+    for name in ("toy2d_unify.png", "toy2d_unify_samples.npz"):
+        assert (out / name).is_file()
+    from PIL import Image
+
+    assert Image.open(out / "toy2d_unify.png").size == (3 * 320, 6 * 360)
+
+    # the unify student's export carries its step embedding, trained for K = 1, 2, 4 only ...
+    from safetensors.torch import load_file
+
+    from tdm.backbones import load_backbone
+    from tdm.step_condition import STEP_EMBEDDING_NAME, set_num_steps
+    from tdm.trajectory import StepGrid, rollout
+
+    embedding = out / "unify" / "unify" / "denoiser" / STEP_EMBEDDING_NAME
+    assert embedding.is_file()
+    table = load_file(str(embedding))["num_steps.weight"]
+    assert [k for k in range(table.shape[0]) if table[k].abs().sum() > 0] == [1, 2, 4]
+    for key in ("k1", "k2", "k4_fake_step"):   # students without a K condition export none
+        assert not (out / "unify" / key / "denoiser" / STEP_EMBEDDING_NAME).exists()
+    # ... and the condition is live: the same 1-step rollout told K = 1 or K = 4 differs
+    bb = load_backbone(str(tmp_path / "teacher"), "toy2d", options=options)
+    net = bb.load_student(str(out / "unify" / "unify"))
+    noise, cond = torch.randn(256, 2, generator=torch.Generator().manual_seed(0)), bb.encode_prompts([""] * 256)
+    samples = {}
+    with torch.no_grad():
+        for K in (1, 4, 1):
+            set_num_steps(net, K)
+            samples.setdefault(K, []).append(
+                rollout(bb.denoiser(net.eval()), noise, cond, StepGrid.uniform(1, 600), bb.path).sample)
+    torch.testing.assert_close(samples[1][0], samples[1][1])
+    assert (samples[1][0] - samples[4][0]).abs().max() > 1e-5
