@@ -171,9 +171,10 @@ def run(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),
-                                      num_steps=len(args.timesteps or []) or args.num_inference_steps)
+                                      num_steps=len(timesteps))
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
                             else (None, None))
     height = args.height or trained_h
@@ -182,7 +183,6 @@ def run(argv=None) -> int:
         backbone.max_sequence_length = config["max_sequence_length"]
     num_frames = args.num_frames or config.get("num_frames")
     teacher_scheduler = pipe.scheduler
-    timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
     seed = lambda: torch.Generator(device="cpu").manual_seed(args.seed)  # noqa: E731
     results = [sample_student(pipe, backbone, prompts, timesteps, seed(), args.guidance_scale,
                               height, width, sampler=args.sampler, flow_shift=args.flow_shift,

@@ -422,10 +422,11 @@ def main(args) -> int:
 
     accelerator.wait_for_everyone()
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0
-    checksum = float(sum(p.detach().double().sum()
-                         for p in (full_state.values() if full_state is not None
-                                   else networks.student_params)))
-    checksums = gather_checksums(accelerator, checksum)
+    if full_state is None:   # every rank holds the whole student: they must agree
+        checksums = gather_checksums(accelerator, float(sum(p.detach().double().sum()
+                                                            for p in networks.student_params)))
+    else:                    # the other ranks hold shards only
+        checksums = [float(sum(v.double().sum() for v in full_state.values()))]
     if accelerator.is_main_process:
         with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
             f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")

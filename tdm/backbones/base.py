@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..path import GaussianPath
+from ..step_condition import step_condition
 
 
 class Backbone:
@@ -172,8 +173,6 @@ class Denoiser:
         self.role = role
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
-        from ..step_condition import step_condition
-
         with step_condition(self.module, self.role, cond):
             out = self.backbone.model_output(self.module, x_t, t, cond)
         return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)
