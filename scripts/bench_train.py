@@ -70,15 +70,13 @@ class Counters:
         for role, params in (("student", networks.student_params), ("fake_score", networks.fake_params)):
             params[0].register_hook(lambda grad, role=role: self._backward(role))
 
-    def role(self, module) -> str:
-        switch = getattr(self.networks.teacher, "switch", None)
-        if switch is not None:   # one shared base: the active adapter says whose call this is
-            return {None: "teacher", "student": "student", "fake_score": "fake_score"}[switch.active]
-        for role, denoiser in (("teacher", self.networks.teacher), ("student", self.networks.student_eval),
-                               ("fake_score", self.networks.fake_eval)):
-            if denoiser.module is module:
-                return role
-        raise KeyError(module)
+    @staticmethod
+    def role(module) -> str:
+        """Whose call is running on `module` (its role scope; a call without one is the
+        teacher's in full mode)."""
+        from tdm.roles import TEACHER, role_scope
+
+        return role_scope(module).current[0] or TEACHER
 
     def _forward(self, module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]

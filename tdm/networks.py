@@ -3,8 +3,9 @@
 full: three networks — a frozen teacher in the compute dtype, student and fake score as full
       fp32 copies initialised from it (the upstream demo), wrapped for data parallelism.
 lora: ONE copy of the base weights. Teacher = the base with adapters disabled; student and fake
-      score = two named LoRA adapters on it. Only the active adapter takes part in a forward,
-      so each update trains only its own adapter.
+      score = two named LoRA adapters on it. Each call selects its role's adapter for that call
+      and its recompute only (tdm.roles), so each update trains only its own adapter, with the
+      activations its own forward saw.
 """
 from __future__ import annotations
 
@@ -16,54 +17,10 @@ import torch
 
 from .backbones.base import Backbone, Denoiser
 from .checkpoint import load_trainable, save_trainable
-from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, attach_step_embeddings,
-                             detached, find_step_embeddings, save_step_tables, split_state)
-
-
-def lora_layers(module: torch.nn.Module) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-class AdapterDenoiser(Denoiser):
-    """A denoiser that runs the shared base with one named adapter active, or none (teacher)."""
-
-    def __init__(self, module, backbone: Backbone, adapter: Optional[str], switch: "AdapterSwitch"):
-        super().__init__(module, backbone, role=adapter)
-        self.adapter = adapter
-        self.switch = switch
-
-    def __call__(self, x_t, t, cond):
-        self.switch.activate(self.adapter)
-        return super().__call__(x_t, t, cond)
-
-
-class AdapterSwitch:
-    """Selects the active adapter of every LoRA layer through peft's own API.
-
-    peft's set_adapter/enable_adapters also flip requires_grad; a leaf whose requires_grad is
-    off when backward runs silently receives no gradient, so the trainable flags are restored
-    after every switch (a graph built under one adapter survives a teacher call before backward).
-    """
-
-    def __init__(self, module: torch.nn.Module, trainable: List[torch.nn.Parameter]):
-        self.layers = lora_layers(module)
-        self.trainable = trainable
-        self.active: Optional[str] = "unset"
-
-    def activate(self, adapter: Optional[str]) -> None:
-        if adapter == self.active:
-            return
-        for layer in self.layers:
-            if adapter is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(adapter)
-        for param in self.trainable:
-            param.requires_grad_(True)
-        self.active = adapter
+from .roles import enable_gradient_checkpointing, role_scope
+from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
+                             attach_step_embeddings, detached, find_step_embeddings,
+                             save_step_tables, split_state)
 
 
 @dataclass
@@ -183,7 +140,7 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         net = backbone.load_denoiser(torch.float32).requires_grad_(True).train()
         attach_step_embeddings(net, backbone.step_embedding_site, {role: (step_tables or {}).get(role)})
         if gradient_checkpointing:
-            net.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(net)
         copies.append(net)
     student_wrapped, fake_wrapped = accelerator.prepare(*copies)
     student, fake = copies
@@ -191,7 +148,7 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
     # accelerate pairs the i-th prepared optimiser with the i-th model when it saves sharded
     # states: train_tdm.build prepares the generator optimiser first, then the fake score's.
     return Networks(
-        teacher=backbone.denoiser(teacher),
+        teacher=backbone.denoiser(teacher, TEACHER),
         student=backbone.denoiser(student_wrapped, STUDENT),
         fake=backbone.denoiser(fake_wrapped, FAKE_SCORE),
         # sharded wrappers own the parameters (and must run every forward themselves)
@@ -213,14 +170,14 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
         attach_lora(base, rank, alpha, backbone.lora_target_modules, adapter_name=adapter)
     base.to(device).train()
     attach_step_embeddings(base, backbone.step_embedding_site, step_tables or {})
+    role_scope(base)   # created once every adapter is attached: it reads the LoRA layers
     if gradient_checkpointing:
-        base.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(base)
     params = {name: [p for n, p in base.named_parameters() if f".{name}." in n and p.requires_grad]
               for name in (STUDENT, FAKE_SCORE)}
-    switch = AdapterSwitch(base, params[STUDENT] + params[FAKE_SCORE])
-    student = AdapterDenoiser(base, backbone, STUDENT, switch)
-    fake = AdapterDenoiser(base, backbone, FAKE_SCORE, switch)
-    return Networks(teacher=AdapterDenoiser(base, backbone, None, switch),
+    student = backbone.denoiser(base, STUDENT)
+    fake = backbone.denoiser(base, FAKE_SCORE)
+    return Networks(teacher=backbone.denoiser(base, TEACHER),
                     student=student, fake=fake, student_eval=student, fake_eval=fake,
                     student_params=params[STUDENT], fake_params=params[FAKE_SCORE],
                     student_module=base, student_adapter=STUDENT, checkpointed={"lora": base},

@@ -6,20 +6,23 @@ the step index k (the fake score in mode 2), added to the denoiser's timestep em
 so a conditioned network starts as the unconditioned one (the teacher, at step 0). The tables
 live on the denoiser module as `tdm_step_embedding` (so DDP/FSDP, optimisers and checkpoints see
 them), one set per role (student, fake score) since in LoRA mode both roles share one base; a
-forward hook on the backbone's timestep-embedding module adds the active role's embedding.
+forward hook on the backbone's timestep-embedding module adds the embedding of the role whose
+call is running (tdm.roles: a scope of the call, re-entered by activation recompute).
 Conditions travel in the condition dict under NUM_STEPS / STEP_INDEX (long tensors, one entry
 per sample, or one entry for the whole batch).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Dict, Optional
 
 import torch
 
+from .roles import FAKE_SCORE, STUDENT, TEACHER, role_scope, unwrap  # noqa: F401 (roles)
+
 NUM_STEPS, STEP_INDEX = "num_steps", "step_index"
-STUDENT, FAKE_SCORE = "student", "fake_score"   # the roles (and LoRA adapter names)
 ATTRIBUTE = "tdm_step_embedding"
 STEP_EMBEDDING_NAME = "step_embedding.safetensors"
 
@@ -42,26 +45,18 @@ class StepEmbedding(torch.nn.Module):
 
 
 class StepEmbeddings(torch.nn.ModuleDict):
-    """The step embeddings of every role on one denoiser, and the hook that adds the active one."""
+    """The step embeddings of every role on one denoiser, and the hook that adds the embedding of
+    the role whose call is running (read from the network's role scope, tdm.roles)."""
 
     def __init__(self, site: str, roles: Dict[str, StepEmbedding]):
         super().__init__(roles)
         self.site = site
-        self.active: Optional[tuple] = None   # (role, condition) during a denoiser call
 
-    def add_to(self, module, inputs, output):
-        if self.active is None or self.active[0] not in self:
+    def add_to(self, scope, module, inputs, output):
+        role, cond = scope.step_condition()
+        if role not in self:
             return output          # teacher, or a role without a step condition
-        role, cond = self.active
         return output + self[role](cond).to(output.dtype)
-
-    @contextlib.contextmanager
-    def activate(self, role: Optional[str], cond: dict):
-        previous, self.active = self.active, (role, cond)
-        try:
-            yield
-        finally:
-            self.active = previous
 
 
 def attach_step_embeddings(module: torch.nn.Module, site: str,
@@ -76,29 +71,13 @@ def attach_step_embeddings(module: torch.nn.Module, site: str,
     device = next(module.parameters()).device
     holder = StepEmbeddings(site, {role: StepEmbedding(dim, sizes) for role, sizes in roles.items()})
     module.add_module(ATTRIBUTE, holder.to(device))
-    target.register_forward_hook(holder.add_to)
+    target.register_forward_hook(functools.partial(holder.add_to, role_scope(module)))
     return holder
 
 
-WRAPPERS = ("module", "_fsdp_wrapped_module", "_orig_mod")   # DDP, FSDP, torch.compile
-
-
 def find_step_embeddings(module: torch.nn.Module) -> Optional[StepEmbeddings]:
-    """The step embeddings of a (possibly DDP/FSDP/compile-wrapped) denoiser, if it has any
-    (a few dictionary lookups: this runs on every denoiser call)."""
-    while module is not None:
-        holder = module._modules.get(ATTRIBUTE)
-        if holder is not None:
-            return holder
-        module = next((module._modules[w] for w in WRAPPERS if w in module._modules), None)
-    return None
-
-
-def step_condition(module: torch.nn.Module, role: Optional[str], cond: dict):
-    """Context in which `module`'s forward adds `role`'s step embedding for `cond`. Without a
-    role (the teacher, or a loaded student) the module keeps whatever set_num_steps chose."""
-    holder = find_step_embeddings(module) if role is not None else None
-    return holder.activate(role, cond) if holder is not None else contextlib.nullcontext()
+    """The step embeddings of a (possibly DDP/FSDP/compile-wrapped) denoiser, if it has any."""
+    return unwrap(module)._modules.get(ATTRIBUTE)
 
 
 @contextlib.contextmanager
@@ -168,6 +147,5 @@ def apply_step_embedding(denoiser: torch.nn.Module, path: str, num_steps: int) -
 def set_num_steps(denoiser: torch.nn.Module, num_steps: int) -> None:
     """Condition every later call of a step-conditioned student on K (stock pipelines call the
     model themselves, with CFG batches of any size: one row broadcasts)."""
-    holder = find_step_embeddings(denoiser)
-    device = next(holder.parameters()).device
-    holder.active = (STUDENT, {NUM_STEPS: torch.tensor([num_steps], device=device)})
+    device = next(find_step_embeddings(denoiser).parameters()).device
+    role_scope(denoiser).fixed = (STUDENT, {NUM_STEPS: torch.tensor([num_steps], device=device)})

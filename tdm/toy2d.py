@@ -63,6 +63,8 @@ class ToyDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Residual MLP ε(x_t, t, class): sinusoidal timestep embedding plus a class embedding whose
     last row (`num_classes`) is the empty condition."""
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(self, hidden: int = 128, depth: int = 3, time_channels: int = 64,
                  num_classes: int = 0):
@@ -73,13 +75,17 @@ class ToyDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_in = torch.nn.Linear(2, hidden)
         self.blocks = torch.nn.ModuleList(ResidualBlock(hidden) for _ in range(depth))
         self.proj_out = torch.nn.Linear(hidden, 2)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor):
         emb = self.time_embedding(self.time_proj(timestep).to(x.dtype))
         emb = emb + self.class_embedding(class_labels)
         h = self.proj_in(x)
         for block in self.blocks:
-            h = block(h, emb)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h, emb)
+            else:
+                h = block(h, emb)
         return self.proj_out(torch.nn.functional.silu(h))
 
 

@@ -88,3 +88,37 @@ def test_shared_step_draw_reuses_k(backbone):
     assert torch.equal(fake_draw.k, gen_draw.k) and not torch.equal(fake_draw.t, gen_draw.t)
     depth = tdm.rollout_depth(fake_draw, gen_draw)
     assert torch.equal(depth, 5 - fake_draw.k)
+
+
+def test_recompute_runs_under_the_role_of_its_forward(backbone):
+    """The generator update's order: student forward, teacher and fake score calls, backward.
+    With checkpointing, every block recomputed in backward sees the student's role and adapter,
+    and outside calls no role is set."""
+    from tdm.roles import role_scope
+    from tdm.step_condition import STUDENT, TEACHER
+
+    nets = lora_networks(backbone, torch.float32, "cpu", rank=4, alpha=4.0, gradient_checkpointing=True)
+    perturb(nets.student_params, 0)
+    perturb(nets.fake_params, 1)
+    base, scope = nets.student.module, role_scope(nets.student.module)
+    seen = []
+    block = base.transformer_blocks[0]
+    block.register_forward_pre_hook(lambda m, a: seen.append(
+        (torch.is_grad_enabled(), scope.current[0], m.attn1.to_q.active_adapters[0],
+         m.attn1.to_q.disable_adapters)))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    x0, _ = nets.student(x, t, cond)
+    assert scope.current is None
+    with torch.no_grad():
+        nets.teacher(x, t, cond)
+        nets.fake(x, t, cond)
+    seen.clear()
+    x0.square().mean().backward()
+    assert seen == [(True, STUDENT, STUDENT, False)]   # one recompute, as the student
+    assert scope.current is None
+    assert all(p.grad is None for p in nets.fake_params)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student_params)
+    seen.clear()
+    nets.teacher(x, t, cond)
+    assert seen[0][1:] == (TEACHER, STUDENT, True)   # teacher: adapters off

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..path import GaussianPath
-from ..step_condition import step_condition
+from ..roles import role_scope
 
 
 class Backbone:
@@ -165,14 +165,16 @@ class Backbone:
 
 class Denoiser:
     """(x_t, t, condition) -> (x̂0, ε̂) in float32 (TDM_SPEC §1). `role` (student, fake score,
-    None for the teacher) selects the step embedding that the call adds, where there is one."""
+    None for the teacher) is the scope of the call (tdm.roles): it selects the LoRA adapter on a
+    shared base and the step embedding, for this call and its recompute in backward only."""
 
     def __init__(self, module: torch.nn.Module, backbone: Backbone, role: Optional[str] = None):
         self.module = module
         self.backbone = backbone
         self.role = role
+        self.scope = role_scope(module)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
-        with step_condition(self.module, self.role, cond):
+        with self.scope.acting(self.role, cond):
             out = self.backbone.model_output(self.module, x_t, t, cond)
         return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)
