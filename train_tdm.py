@@ -104,12 +104,16 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_o
     batch = next(iter(cond.values())).shape[0]
     noise = tdm.randn((batch, *latent_shape), accelerator.device)
     skipped = 0
-    with accelerator.accumulate(*networks.wrapped), accelerator.autocast():
-        fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
-        trajectory = tdm.rollout(networks.student_eval, noise, cond,
-                                 tdm.rollout_depth(fake_draw, generator_draw), fake_draw.num_steps)
-        # 1. fake score ψ on the student's trajectory (§4)
-        fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
+    # Each update's forward gets its own autocast region: autocast caches the low-precision copy
+    # of every trainable weight until its region ends, so one region around both updates would
+    # let the generator update read the fake score ψ from before its optimiser step.
+    with accelerator.accumulate(*networks.wrapped):
+        with accelerator.autocast():
+            fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
+            trajectory = tdm.rollout(networks.student_eval, noise, cond,
+                                     tdm.rollout_depth(fake_draw, generator_draw), fake_draw.num_steps)
+            # 1. fake score ψ on the student's trajectory (§4)
+            fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
         fake_loss = fake_loss * float("nan") if poison else fake_loss
         if all_finite(accelerator, fake_loss):
             accelerator.backward(fake_loss)
@@ -117,9 +121,10 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_o
         else:
             skipped += 1
         # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
-        generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
-                                            networks.student, networks.teacher,
-                                            networks.fake_eval, generator_draw)
+        with accelerator.autocast():
+            generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
+                                                networks.student, networks.teacher,
+                                                networks.fake_eval, generator_draw)
         generator_loss = generator_loss * float("nan") if poison else generator_loss
         if all_finite(accelerator, generator_loss):
             accelerator.backward(generator_loss)
