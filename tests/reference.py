@@ -1,0 +1,244 @@
+"""A plain TDM iteration, written straight from docs of the method, to prove the training code
+against: separate ordinary modules per role (teacher φ, student θ, fake score ψ), no activation
+checkpointing, the full rollout of every sample, the two CFG branches as two teacher calls, no
+text-embedding cache, no shared base and no adapter switching. Only the formulas (path, interval
+draw, diffusion, the two losses) are the library's own, each unit-tested against hand values.
+
+The random stream is replayed exactly as the training code consumes it, per process ("shard"):
+initial noise, K (shared), the fake-score draw, the generator draw, then the diffusion noise of
+each loss; several shards are concatenated into one batch (data parallelism).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from tdm.losses import FakeScoreLoss, GeneratorLoss, classifier_free_guidance
+from tdm.lora import attach_lora
+from tdm.step_condition import ATTRIBUTE, NUM_STEPS, STEP_INDEX, StepEmbedding
+from tdm.trajectory import StepGrid, diffuse, sample_intervals
+
+
+class PlainDenoiser:
+    """One network, one role: (x_t, t, c) -> (x̂0, ε̂); the step embedding, if any, is added by
+    a hook registered for the duration of the call."""
+
+    def __init__(self, module, backbone, role: Optional[str] = None):
+        self.module, self.backbone, self.role = module, backbone, role
+        tables = getattr(module, ATTRIBUTE, None)
+        self.steps = tables[role] if tables is not None and role in tables else None
+
+    def __call__(self, x_t, t, cond):
+        handle = None
+        if self.steps is not None:
+            site = self.module.get_submodule(self.backbone.step_embedding_site)
+            handle = site.register_forward_hook(
+                lambda m, i, out: out + self.steps(cond).to(out.dtype))
+        try:
+            out = self.backbone.model_output(self.module, x_t, t, cond)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)
+
+
+def attach_plain_step_embedding(module, backbone, role: str, sizes: Dict[str, int]) -> None:
+    if not sizes:
+        return
+    site = module.get_submodule(backbone.step_embedding_site)
+    dim = [m for m in site.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    module.add_module(ATTRIBUTE, torch.nn.ModuleDict({role: StepEmbedding(dim, sizes)}))
+
+
+@dataclass
+class PlainNetworks:
+    teacher: PlainDenoiser
+    student: PlainDenoiser
+    fake: PlainDenoiser
+    student_params: Dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    fake_params: Dict[str, torch.nn.Parameter] = field(default_factory=dict)
+
+
+def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict, fake_state: dict,
+                   step_tables: dict, lora_rank: int = 4, lora_alpha: float = 4.0) -> PlainNetworks:
+    """Three separate networks: the teacher frozen in `weight_dtype`; student and fake score as
+    LoRA-on-their-own-copy (lora) or fp32 copies (full), loaded with the given weights."""
+    from tdm.step_condition import FAKE_SCORE, STUDENT
+
+    teacher = backbone.load_denoiser(weight_dtype).requires_grad_(False)
+    roles = {}
+    for role, state in ((STUDENT, student_state), (FAKE_SCORE, fake_state)):
+        if train_mode == "lora":
+            net = backbone.load_denoiser(weight_dtype)
+            attach_lora(net, lora_rank, lora_alpha, backbone.lora_target_modules, adapter_name=role)
+        else:
+            net = backbone.load_denoiser(torch.float32).requires_grad_(True)
+        attach_plain_step_embedding(net, backbone, role, step_tables.get(role, {}))
+        missing = [k for k, p in net.named_parameters() if p.requires_grad and k not in state]
+        assert not missing, f"no weights given for {missing[:3]}"
+        net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()}, strict=False)
+        net.train()
+        roles[role] = net
+    trainable = lambda net: {k: p for k, p in net.named_parameters() if p.requires_grad}  # noqa: E731
+    return PlainNetworks(PlainDenoiser(teacher, backbone), PlainDenoiser(roles[STUDENT], backbone, STUDENT),
+                         PlainDenoiser(roles[FAKE_SCORE], backbone, FAKE_SCORE),
+                         trainable(roles[STUDENT]), trainable(roles[FAKE_SCORE]))
+
+
+@dataclass
+class Settings:
+    cfg: float = 4.5
+    separate: bool = True
+    randmid: bool = False
+    loss: str = "mse"
+    snr_gamma: float = 5.0
+    importance_weight: bool = True
+    share_step_draw: bool = False
+    unify_steps: tuple = ()
+    fake_step_condition: bool = False
+    num_steps: int = 4
+    total_steps: int = 900
+
+
+@dataclass
+class ShardDraws:
+    noise: torch.Tensor
+    num_steps: int
+    fake: object
+    gen: object
+    fake_noise: torch.Tensor
+    gen_noise: torch.Tensor
+
+
+def draw_shard(settings: Settings, batch: int, latent_shape, seed: int, shared: torch.Generator,
+               generator: Optional[torch.Generator] = None) -> ShardDraws:
+    """One process's random values of one iteration, in the order training consumes them."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    noise = torch.randn((batch, *latent_shape), generator=g)
+    counts = sorted(settings.unify_steps) if settings.unify_steps else [settings.num_steps]
+    K = counts[int(torch.randint(len(counts), (1,), generator=shared))] if len(counts) > 1 else counts[0]
+    grid = StepGrid.uniform(K, settings.total_steps)
+    fake = sample_intervals(grid, batch, "cpu", settings.separate, settings.randmid, g)
+    gen = sample_intervals(grid, batch, "cpu", settings.separate, settings.randmid, g,
+                           k=fake.k if settings.share_step_draw else None)
+    fake_noise = torch.randn(noise.shape, generator=g)
+    gen_noise = torch.randn(noise.shape, generator=g)
+    return ShardDraws(noise, K, fake, gen, fake_noise, gen_noise)
+
+
+def concat_draws(shards: List[ShardDraws]) -> ShardDraws:
+    assert len({s.num_steps for s in shards}) == 1
+    cat = lambda name: torch.cat([getattr(s, name) for s in shards])  # noqa: E731
+    interval = lambda attr: type(shards[0].fake)(  # noqa: E731
+        *(torch.cat([getattr(getattr(s, attr), f) for s in shards]) for f in ("k", "t_g", "t_e", "t")),
+        num_steps=shards[0].num_steps)
+    return ShardDraws(cat("noise"), shards[0].num_steps, interval("fake"), interval("gen"),
+                      cat("fake_noise"), cat("gen_noise"))
+
+
+def student_condition(settings, cond, K):
+    if not settings.unify_steps:
+        return cond
+    batch = next(iter(cond.values())).shape[0]
+    return {**cond, NUM_STEPS: torch.full((batch,), K, dtype=torch.long)}
+
+
+def fake_condition(settings, cond, K, k):
+    cond = student_condition(settings, cond, K)
+    return {**cond, STEP_INDEX: k} if settings.fake_step_condition else cond
+
+
+def full_rollout(student, noise, cond, grid: StepGrid, path):
+    """Every sample through all K steps; returns per-step (state, x̂0, ε̂) lists, step k at k-1."""
+    states, x0s, epss = [None] * grid.num_steps, [None] * grid.num_steps, [None] * grid.num_steps
+    x = noise.float()
+    with torch.no_grad():
+        for k in range(grid.num_steps, 0, -1):
+            t = torch.full((x.shape[0],), grid.timesteps[grid.num_steps - k], dtype=torch.long)
+            states[k - 1] = x
+            x0, eps = student(x, t, cond)
+            x0s[k - 1], epss[k - 1] = x0, eps
+            if k > 1:
+                t_next = torch.full_like(t, grid.timesteps[grid.num_steps - k + 1])
+                x = path.ddim_move(x0, eps, t_next)
+    return torch.stack(states), torch.stack(x0s), torch.stack(epss)
+
+
+def pick(stack, k):
+    return stack[k - 1, torch.arange(k.shape[0])]
+
+
+@dataclass
+class Record:
+    fake_loss: float
+    generator_loss: float
+    fake_grads: Dict[str, torch.Tensor]
+    student_grads: Dict[str, torch.Tensor]
+    fake_step: Dict[str, torch.Tensor]      # weight change made by the optimiser step
+    student_step: Dict[str, torch.Tensor]
+
+
+def adamw(params, lr):
+    """train_tdm.py's defaults: β = (0, 0.95), weight decay 1e-2, ε = 1e-8."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.95), weight_decay=1e-2, eps=1e-8)
+
+
+def reference_iteration(nets: PlainNetworks, backbone, settings: Settings,
+                        micro_batches: List[tuple], lr: float, generator_lr: float,
+                        max_grad_norm: float, autocast_dtype=None) -> Record:
+    """One optimiser step of each network over `micro_batches` [(cond, uncond, draws), ...]:
+    gradient accumulation is the plain mean of the micro-batch losses' gradients, the fake
+    score stepping after the last micro-batch's fake backward (before its generator loss)."""
+    path = backbone.path
+    fake_objective = FakeScoreLoss(path, settings.snr_gamma, settings.importance_weight)
+    gen_objective = GeneratorLoss(settings.loss)
+    fake_opt = adamw(list(nets.fake_params.values()), lr)
+    gen_opt = adamw(list(nets.student_params.values()), generator_lr)
+    snapshot = lambda ps: {k: p.detach().clone() for k, p in ps.items()}  # noqa: E731
+    fake_before, student_before = snapshot(nets.fake_params), snapshot(nets.student_params)
+    n = len(micro_batches)
+    fake_losses, gen_losses, fake_grads, student_grads = [], [], None, None
+    autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype
+                else torch.autocast("cpu", enabled=False))
+    for i, (cond, uncond, d) in enumerate(micro_batches):
+        last = i == n - 1
+        grid = StepGrid.uniform(d.num_steps, settings.total_steps)
+        with autocast:
+            states, x0s, epss = full_rollout(nets.student, d.noise, student_condition(settings, cond, d.num_steps),
+                                             grid, path)
+            # fake score ψ (§ fake-score loss)
+            x0, eps = pick(x0s, d.fake.k), pick(epss, d.fake.k)
+            x_t, m = diffuse(path, x0, eps, d.fake.t_e, d.fake.t, d.fake_noise)
+            x0_fake, _ = nets.fake(x_t, d.fake.t, fake_condition(settings, cond, d.num_steps, d.fake.k))
+            fake_loss = fake_objective(x0_fake, x0, d.fake.t, m, d.fake_noise)
+        (fake_loss / n).backward()
+        fake_losses.append(fake_loss.item())
+        if last:
+            fake_grads = {k: p.grad.clone() for k, p in nets.fake_params.items() if p.grad is not None}
+            fake_opt.step()
+            fake_opt.zero_grad(set_to_none=True)
+        with autocast:
+            # student θ (§ generator loss): one student step, teacher with CFG, the updated ψ
+            state = pick(states, d.gen.k)
+            x0, eps = nets.student(state, d.gen.t_g, student_condition(settings, cond, d.num_steps))
+            with torch.no_grad():
+                x_t, _ = diffuse(path, x0.detach(), eps.detach(), d.gen.t_e, d.gen.t, d.gen_noise)
+                x0_cond = nets.teacher(x_t, d.gen.t, cond)[0]
+                x0_real = (x0_cond if settings.cfg == 1.0 else
+                           classifier_free_guidance(x0_cond, nets.teacher(x_t, d.gen.t, uncond)[0],
+                                                    settings.cfg))
+                x0_fake, _ = nets.fake(x_t, d.gen.t, fake_condition(settings, cond, d.num_steps, d.gen.k))
+            gen_loss = gen_objective(x0, x0_real, x0_fake)
+        (gen_loss / n).backward()
+        gen_losses.append(gen_loss.item())
+    params = list(nets.student_params.values())
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    student_grads = {k: p.grad.clone() for k, p in nets.student_params.items() if p.grad is not None}
+    gen_opt.step()
+    change = lambda ps, before: {k: p.detach() - before[k] for k, p in ps.items()}  # noqa: E731
+    return Record(fake_losses[-1], gen_losses[-1], fake_grads, student_grads,
+                  change(nets.fake_params, fake_before), change(nets.student_params, student_before))
+
