@@ -114,14 +114,12 @@ def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], gen
 def as_teacher(pipe, backbone, weights, scheduler, dtype):
     """The same pipeline with the teacher's network and scheduler: LoRA switched off, or the
     teacher's own denoiser in place of a fully fine-tuned student."""
-    from tdm.step_condition import find_step_embeddings
+    from tdm.roles import role_scope
 
     denoiser_name = backbone.denoiser_subfolder
     student_scheduler, student_net = pipe.scheduler, getattr(pipe, denoiser_name)
-    steps = find_step_embeddings(student_net)          # the teacher has no step condition
-    step_condition = steps.active if steps is not None else None
-    if steps is not None:
-        steps.active = None
+    scope = role_scope(student_net)                  # the teacher has no step condition
+    step_condition, scope.fixed = scope.fixed, None
     pipe.scheduler = scheduler
     if weights and weights[0] == "full":
         setattr(pipe, denoiser_name, backbone.load_denoiser(dtype).to(pipe.device))
@@ -131,8 +129,7 @@ def as_teacher(pipe, backbone, weights, scheduler, dtype):
         yield pipe
     finally:
         pipe.scheduler = student_scheduler
-        if steps is not None:
-            steps.active = step_condition
+        scope.fixed = step_condition
         if weights and weights[0] == "full":
             setattr(pipe, denoiser_name, student_net)
         elif weights:

@@ -136,10 +136,8 @@ def sample_step_counts(backbone, student_net, n: int, total_steps: int, counts,
     holder = find_step_embeddings(student_net)
     samples = {}
     for K in counts:
-        if holder is not None and step_embedding:
-            set_num_steps(student_net, K)
-        elif holder is not None:
-            holder.active = None        # the hook adds nothing: the stock network
+        if holder is not None:   # without the embedding: the stock network
+            set_num_steps(student_net, K if step_embedding else None)
         samples[K] = rollout(student, noise, cond, StepGrid.uniform(K, total_steps),
                              backbone.path).sample
     return samples

@@ -20,7 +20,7 @@ ran in between. The same holds for:
   function, i.e. this one (configs/accelerate/fsdp.yaml leaves FSDP's own activation
   checkpointing off: it would wrap blocks with torch's plain checkpoint).
 - torch.compile: the role is Python state that dynamo guards on, so each role gets its own
-  graph and a graph never runs under another role.
+  graph, traced under that role, and the recompute inside a compiled graph replays that trace.
 """
 from __future__ import annotations
 
@@ -100,7 +100,12 @@ class RoleScope:
 
     def checkpoint(self, block, *args, **kwargs):
         """Gradient checkpointing of `block` whose recompute runs under the role of its forward
-        (diffusers' checkpoint function, plus the recompute context)."""
+        (diffusers' checkpoint function, plus the recompute context). Under torch.compile the
+        recompute is part of the graph traced under the forward's role, so no context is needed
+        (dynamo takes a context_fn only for selective checkpointing)."""
+        if torch.compiler.is_compiling():
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                     **kwargs)
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
                                                  context_fn=self._recompute_context, **kwargs)
 

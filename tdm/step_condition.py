@@ -144,8 +144,12 @@ def apply_step_embedding(denoiser: torch.nn.Module, path: str, num_steps: int) -
     return [k for k in range(table.shape[0]) if table[k].abs().sum() > 0]
 
 
-def set_num_steps(denoiser: torch.nn.Module, num_steps: int) -> None:
+def set_num_steps(denoiser: torch.nn.Module, num_steps: Optional[int]) -> None:
     """Condition every later call of a step-conditioned student on K (stock pipelines call the
-    model themselves, with CFG batches of any size: one row broadcasts)."""
+    model themselves, with CFG batches of any size: one row broadcasts); None: no condition
+    (the network as plain diffusers runs it)."""
+    if num_steps is None:
+        role_scope(denoiser).fixed = None
+        return
     device = next(find_step_embeddings(denoiser).parameters()).device
     role_scope(denoiser).fixed = (STUDENT, {NUM_STEPS: torch.tensor([num_steps], device=device)})

@@ -41,7 +41,7 @@ def train_args(model: str, out: str, flags=(), family: str = "pixart", prompts=P
     base = ["--pretrained_model_name_or_path", model, "--output_dir", os.path.join(out, "run"),
             "--prompts", prompts_file, "--resolution", "32", "--seed", "0", "--lora_rank", "4",
             "--learning_rate", "1e-3", "--report_to", "none", "--train_batch_size", "2",
-            "--mixed_precision", "no", "--cfg", "3.0", "--use_separate"]
+            "--mixed_precision", "no", "--cfg", "3.0"]
     if family == "toy2d":
         base += ["--backbone", "toy2d", "--backbone_options", TOY_OPTIONS]
     if family == "cogvideox":

@@ -54,8 +54,8 @@ def check(tiny_models, tmp_path, family, flags, micro_batches=1, rtol=1e-4, auto
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_and_mode_matches_the_reference(tiny_models, tmp_path, family, mode, checkpointing):
-    flags = ["--train_mode", mode] + (["--gradient_checkpointing"] if checkpointing else [])
-    check(tiny_models, tmp_path, family, flags)
+    flags = ["--train_mode", mode, "--use_separate"]
+    check(tiny_models, tmp_path, family, flags + (["--gradient_checkpointing"] if checkpointing else []))
 
 
 PIXART_OPTIONS = {
@@ -66,7 +66,7 @@ PIXART_OPTIONS = {
     "huber": ["--use_huber"],
     "huber_norm": ["--loss", "huber_norm"],
     "share_step_draw": ["--share_step_draw"],
-    "mode2_randmid": ["--use_separate", "--use_randmid", "--total_steps", "1000"],
+    "mode2_randmid": ["--use_randmid", "--total_steps", "1000"],   # the only case without mode 1
     "full_rollout": ["--full_rollout"],
     "no_clipping_cfg1": ["--max_grad_norm", "0", "--cfg", "1.0"],
 }
@@ -77,12 +77,15 @@ PIXART_OPTIONS = {
 @pytest.mark.parametrize("option", sorted(PIXART_OPTIONS))
 def test_pixart_options_match_the_reference(tiny_models, tmp_path, option, mode, checkpointing):
     flags = ["--train_mode", mode, *PIXART_OPTIONS[option]]
+    if option != "mode2_randmid":
+        flags.append("--use_separate")
     check(tiny_models, tmp_path, "pixart", flags + (["--gradient_checkpointing"] if checkpointing else []))
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_models, tmp_path, mode):
-    flags = ["--train_mode", mode, "--gradient_accumulation_steps", "2", "--gradient_checkpointing"]
+    flags = ["--train_mode", mode, "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+             "--use_separate"]
     check(tiny_models, tmp_path, "pixart", flags, micro_batches=2)
 
 
@@ -96,7 +99,8 @@ RTOL_BF16 = 5e-2
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_bf16_mixed_precision_matches_the_reference_in_bf16(tiny_models, tmp_path, mode):
-    flags = ["--train_mode", mode, "--mixed_precision", "bf16", "--gradient_checkpointing"]
+    flags = ["--train_mode", mode, "--mixed_precision", "bf16", "--gradient_checkpointing",
+             "--use_separate"]
     check(tiny_models, tmp_path, "pixart", flags, rtol=RTOL_BF16, autocast=torch.bfloat16)
 
 

@@ -76,6 +76,8 @@ def test_zero_embedding_is_the_unconditioned_model_and_a_trained_one_is_live(fam
         assert torch.equal(backbone.denoiser(net)(x, t, cond)[0], before)   # teacher role: no embedding
         set_num_steps(net, 4)                     # inference: one K for every later call
         assert torch.allclose(backbone.denoiser(net)(x, t, cond)[0], four, atol=1e-5)
+        set_num_steps(net, None)                  # and none: the stock network again
+        assert torch.equal(backbone.denoiser(net)(x, t, cond)[0], before)
 
 
 # -- TDM-unify draws and conditions ---------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_unify_student_exports_loads_and_samples(tiny_pixart, backbone, train_mo
     # infer_tdm.py applies it from --num_inference_steps; without the file the student still loads
     png = tmp_path / "k2.png"
     proc = run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out), "--prompt", "a red car",
-                       "--num_inference_steps", "2", "--output", str(png)])
+                       "--num_inference_steps", "2", "--teacher_steps", "2", "--output", str(png)])
     assert proc.returncode == 0 and png.is_file(), proc.stderr[-2000:]
     os.remove(folder / "step_embedding.safetensors")
     plain, _ = student_pipeline(tiny_pixart, weights, 1.0, torch.float32, "cpu", num_steps=2)
