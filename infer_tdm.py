@@ -5,7 +5,7 @@
         --teacher_steps 25 --teacher_guidance 4.5
 
 The student runs on its training grid with a stock scheduler that reproduces the training
-rollout exactly (first-order DPM-Solver++ = DDIM, TDM_SPEC §7), with guidance 1.
+rollout exactly (first-order DPM-Solver++ = DDIM, docs/method.md §7), with guidance 1.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def sample_student(pipe, backbone, prompts: List[str], timesteps: List[int], gen
                    width: Optional[int] = None, latents=None, output_type: str = "pil",
                    sampler: str = "grid", flow_shift: Optional[float] = None,
                    num_frames: Optional[int] = None):
-    """K-step sampling with the stock pipeline: on the training grid (TDM_SPEC §7), or with the
+    """K-step sampling with the stock pipeline: on the training grid (docs/method.md §7), or with the
     sampler of the family's published snippet."""
     if sampler == "grid":
         sampler_kwargs = backbone.use_training_grid(pipe, timesteps)

@@ -4,7 +4,7 @@
     accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
         --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
 
-Per iteration (TDM_SPEC §2–5): roll the student out on its step grid from pure noise; update the
+Per iteration (docs/method.md §2–5): roll the student out on its step grid from pure noise; update the
 fake score ψ on points of that trajectory; then update the student θ with the teacher-minus-fake
 direction at a freshly drawn point. The maths is in tdm/; this file wires it to accelerate.
 """
@@ -97,7 +97,7 @@ def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, 
 
 def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_optimizer,
                   generator_optimizer, lr_scheduler, max_grad_norm, poison=False):
-    """One TDM iteration on a batch of prompt conditions (TDM_SPEC §2–5). Returns both losses
+    """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5). Returns both losses
     and how many of the two updates were skipped for non-finite values."""
     from tdm.conditions import expand_condition
 
@@ -284,7 +284,7 @@ def build(args):
     uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
     encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
 
-    # Two AdamW optimisers; LR schedule and clipping on the generator only (TDM_SPEC §4–5).
+    # Two AdamW optimisers; LR schedule and clipping on the generator only (docs/method.md §4–5).
     fake_optimizer = make_optimizer(networks.fake_params, args.learning_rate, args)
     generator_optimizer = make_optimizer(networks.student_params,
                                          args.learning_rate * args.generator_lr_ratio, args)

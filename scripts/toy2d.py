@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 # sampling
 # ---------------------------------------------------------------------------------------------
 def guided(teacher, uncond: dict, cfg: float):
-    """The teacher with classifier-free guidance on both x̂0 and ε̂ (TDM_SPEC §5), for DDIM."""
+    """The teacher with classifier-free guidance on both x̂0 and ε̂ (docs/method.md §5), for DDIM."""
     from tdm.conditions import cat_conditions, expand_condition
     from tdm.losses import classifier_free_guidance
 
@@ -100,7 +100,7 @@ def evaluation_inputs(backbone, n: int):
 
 def sample_all(backbone, student_net, args, n: int, students_only: bool = False) -> dict:
     """Every sampler on the same initial noise and the same class labels. DDIM with N steps is
-    tdm's rollout on N uniformly spaced timesteps (TDM_SPEC §2); student 1 step is the rollout
+    tdm's rollout on N uniformly spaced timesteps (docs/method.md §2); student 1 step is the rollout
     on the grid [τ_K]."""
     from tdm.trajectory import StepGrid, rollout
 

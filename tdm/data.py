@@ -1,4 +1,4 @@
-"""Prompts: the only data TDM needs (TDM_SPEC §1: data-free, no images are read)."""
+"""Prompts: the only data TDM needs (docs/method.md §1: data-free, no images are read)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""The two TDM losses, in the notation of TDM_SPEC §4–5."""
+"""The two TDM losses, in the notation of docs/method.md §4–5."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def importance_weight(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """w_IS = exp(−½ mean(m²)) / exp(−½ mean(n²)), per sample (TDM_SPEC §4).
+    """w_IS = exp(−½ mean(m²)) / exp(−½ mean(n²)), per sample (docs/method.md §4).
 
     Written as one exponential of the difference so that it cannot overflow or become 0/0.
     """
@@ -22,22 +22,22 @@ def importance_weight(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def min_snr_weight(path: GaussianPath, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """min(SNR_t, γ) with γ = 5 (TDM_SPEC §4)."""
+    """min(SNR_t, γ) with γ = 5 (docs/method.md §4)."""
     return path.snr(t).clamp(max=gamma)
 
 
 def classifier_free_guidance(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, cfg: float):
-    """x0_real = x0_u + cfg · (x0_c − x0_u) (TDM_SPEC §5)."""
+    """x0_real = x0_u + cfg · (x0_c − x0_u) (docs/method.md §5)."""
     return x0_uncond + cfg * (x0_cond - x0_uncond)
 
 
 def dmd_normalizer(x0: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-    """w = mean_pixels |x̂0 − x0_real| per sample, in float64 as in the demo (TDM_SPEC §5)."""
+    """w = mean_pixels |x̂0 − x0_real| per sample, in float64 as in the demo (docs/method.md §5)."""
     return per_sample_mean((x0.double() - x0_real.double()).abs()).detach()
 
 
 class FakeScoreLoss:
-    """L_ψ = mean_b[ min(SNR_t, 5) · w_IS · mean_pixels (x0_ψ − x̂0)² ]  (TDM_SPEC §4).
+    """L_ψ = mean_b[ min(SNR_t, 5) · w_IS · mean_pixels (x0_ψ − x̂0)² ]  (docs/method.md §4).
     `use_importance_weight=False` sets w_IS = 1 (the paper's ablation)."""
 
     def __init__(self, path: GaussianPath, snr_gamma: float = 5.0, use_importance_weight: bool = True):
@@ -54,7 +54,7 @@ class FakeScoreLoss:
 
 
 class GeneratorLoss:
-    """Distribution-matching surrogate on the student's x̂0 (TDM_SPEC §5).
+    """Distribution-matching surrogate on the student's x̂0 (docs/method.md §5).
 
     target = sg(x̂0 + (x0_real − x0_fake)), w = sg(mean |x̂0 − x0_real|) per sample, and
       mse:        mean( (x̂0 − target)² / w )

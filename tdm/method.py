@@ -1,7 +1,7 @@
 """One TDM iteration in terms of three denoisers (x_t, t, condition) -> (x̂0, ε̂).
 
 The training script owns devices, optimisers and logging; this object owns the maths:
-fake-score loss (TDM_SPEC §4) and generator loss (TDM_SPEC §5) on a shared student rollout.
+fake-score loss (docs/method.md §4) and generator loss (docs/method.md §5) on a shared student rollout.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class TDM:
         return counts[int(torch.randint(len(counts), (1,), generator=generator))]
 
     def draw(self, batch: int, device):
-        """(fake-score draw, generator draw) of (k, t_g, t_e, t) per sample (TDM_SPEC §3.1–3),
+        """(fake-score draw, generator draw) of (k, t_g, t_e, t) per sample (docs/method.md §3.1–3.3),
         both on the grid of this iteration's K.
 
         Both are drawn before the rollout so that it knows how deep each sample must go; they are

@@ -119,7 +119,7 @@ def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerato
                    lora_rank: int = 64, lora_alpha: float = 64.0,
                    gradient_checkpointing: bool = False,
                    step_tables: Optional[Dict[str, Dict[str, int]]] = None) -> Networks:
-    """`step_tables`: {role: {condition: size}} of the step embeddings (TDM_SPEC §6), if any."""
+    """`step_tables`: {role: {condition: size}} of the step embeddings (docs/method.md §6), if any."""
     step_tables = step_tables or {}
     if train_mode == "lora":
         networks = lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,

@@ -1,6 +1,6 @@
 """The Gaussian path x_t = alpha_t * x0 + sigma_t * eps and the conversions to (x0, eps).
 
-TDM_SPEC §1: every model output is first converted to (x̂0, ε̂); all TDM maths is written in
+docs/method.md §1: every model output is first converted to (x̂0, ε̂); all TDM maths is written in
 those two quantities, so one implementation serves every backbone.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 
 class GaussianPath:
-    """Discrete noise schedule indexed by integer timesteps 0..N-1 (TDM_SPEC §1).
+    """Discrete noise schedule indexed by integer timesteps 0..N-1 (docs/method.md §1).
 
     For the DDPM family alpha_t = sqrt(ᾱ_t), sigma_t = sqrt(1 - ᾱ_t) from the teacher
     scheduler's `alphas_cumprod`. Lookups take a tensor of timesteps (one per sample) and
@@ -45,13 +45,13 @@ class GaussianPath:
         return self._lookup(self.alpha, t, ndim), self._lookup(self.sigma, t, ndim)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """SNR_t = alpha_t² / sigma_t² (TDM_SPEC §4), one value per timestep."""
+        """SNR_t = alpha_t² / sigma_t² (docs/method.md §4), one value per timestep."""
         alpha, sigma = self.alpha_sigma(t)
         return alpha**2 / sigma**2
 
     def x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                prediction_type: str):
-        """Convert a network output at (x_t, t) to (x̂0, ε̂) (TDM_SPEC §1).
+        """Convert a network output at (x_t, t) to (x̂0, ε̂) (docs/method.md §1).
 
         epsilon:       ε̂ = out,            x̂0 = (x_t - σ ε̂) / α
         sample:        x̂0 = out,           ε̂ = (x_t - α x̂0) / σ

@@ -2,7 +2,7 @@
 of one call, and activation recompute that re-enters the scope its forward ran in.
 
 In LoRA mode the three roles share one base network: the role selects the LoRA adapter (the
-teacher: adapters off) and, where the network has them, the role's step embedding (TDM_SPEC §6).
+teacher: adapters off) and, where the network has them, the role's step embedding (docs/method.md §6).
 A call without a role (a loaded student, a plain network) leaves the module as it is.
 A role is never a setting that outlives a call:
 

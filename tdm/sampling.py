@@ -1,4 +1,4 @@
-"""Few-step sampling with stock diffusers schedulers (TDM_SPEC §7)."""
+"""Few-step sampling with stock diffusers schedulers (docs/method.md §7)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from .trajectory import StepGrid
 
 
 def exact_grid_scheduler(scheduler_config):
-    """The training rollout of TDM_SPEC §2 as a stock scheduler.
+    """The training rollout of docs/method.md §2 as a stock scheduler.
 
     First-order DPM-Solver++ is algebraically the DDIM update x' = α' x̂0 + σ' ε̂, and
     final_sigmas_type='zero' makes the last step return x̂0. Pass the grid to the pipeline as

@@ -1,4 +1,4 @@
-"""Step conditions (TDM_SPEC §6): learned embeddings of the number of steps K (TDM-unify) and of
+"""Step conditions (docs/method.md §6): learned embeddings of the number of steps K (TDM-unify) and of
 the step index k (the fake score in mode 2), added to the denoiser's timestep embedding.
 
     emb(t) ← emb(t) + Σ_name E_name[c_name],   E_name zero-initialised,

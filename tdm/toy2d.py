@@ -106,7 +106,7 @@ def pretrain_teacher(net: ToyDenoiser, mixture: GaussianMixture, path: GaussianP
     """Denoising score matching (ε-prediction): E‖ε_φ(α_t x0 + σ_t ε, t, c) − ε‖², t ~ U{0..N-1}.
 
     A conditional mixture drops the label to the empty condition with prob. `label_dropout`, so
-    that the teacher has the unconditional branch CFG needs (TDM_SPEC §5). Returns the EMA copy.
+    that the teacher has the unconditional branch CFG needs (docs/method.md §5). Returns the EMA copy.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The student's trajectory: step grid, rollout, and sampling a point of it (TDM_SPEC §2–3)."""
+"""The student's trajectory: step grid, rollout, and sampling a point of it (docs/method.md §2–3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ DenoiserFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple]
 
 
 class StepGrid:
-    """Step times τ_K > … > τ_1, first step first (TDM_SPEC §2).
+    """Step times τ_K > … > τ_1, first step first (docs/method.md §2).
 
     Default: τ_k = k·T/K − 1 (T = total_steps), e.g. T=900, K=4 → 899, 674, 449, 224.
     An explicit list (e.g. 999, 856, 665, 399) overrides T and K; then T = τ_K + 1.
@@ -68,7 +68,7 @@ class Rollout:
 @torch.no_grad()
 def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid,
             path: GaussianPath, depth: Optional[torch.Tensor] = None) -> Rollout:
-    """Deterministic K-step sampling from pure noise placed at τ_K (TDM_SPEC §2).
+    """Deterministic K-step sampling from pure noise placed at τ_K (docs/method.md §2).
 
     x ← α_{τ_{k-1}} x̂0 + σ_{τ_{k-1}} ε̂ between steps; the student uses no CFG.
     `depth` (per sample, 0..K) stops each sample after that many student steps: rows that are
@@ -101,7 +101,7 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
 
 @dataclass
 class Interval:
-    """A drawn point of the trajectory distribution, one entry per sample (TDM_SPEC §3.1–3)."""
+    """A drawn point of the trajectory distribution, one entry per sample (docs/method.md §3.1–3.3)."""
 
     k: torch.Tensor    # step index in 1..K
     t_g: torch.Tensor  # the step's input time τ_k
@@ -120,7 +120,7 @@ def _uniform_int(low: torch.Tensor, high: torch.Tensor, generator=None) -> torch
 def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid: bool,
                      generator: Optional[torch.Generator] = None,
                      k: Optional[torch.Tensor] = None) -> Interval:
-    """Draw (k, t_g, t_e, t) per sample (TDM_SPEC §3.1–3).
+    """Draw (k, t_g, t_e, t) per sample (docs/method.md §3.1–3.3).
 
     k ~ U{1..K}; t_g = τ_k; t_e = τ_{k-1} + 1 (0 for the last step);
     randmid: t_e ~ U[t_e, t_g − 20);
@@ -140,7 +140,7 @@ def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid
 
 
 def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1):
-    """β = √(σ_t² − (α_t σ_{t_e} / α_{t_e})²), the std of q(x_t | x_{t_e}) (TDM_SPEC §3.5)."""
+    """β = √(σ_t² − (α_t σ_{t_e} / α_{t_e})²), the std of q(x_t | x_{t_e}) (docs/method.md §3.5)."""
     a_e, s_e = path.alpha_sigma(t_e, ndim)
     a_t, s_t = path.alpha_sigma(t, ndim)
     return (s_t**2 - (a_t * s_e / a_e) ** 2).clamp(min=0).sqrt()
@@ -148,7 +148,7 @@ def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim:
 
 def diffuse(path: GaussianPath, x0: torch.Tensor, eps: torch.Tensor, t_e: torch.Tensor,
             t: torch.Tensor, noise: torch.Tensor):
-    """ODE move to t_e, then forward diffusion to t (TDM_SPEC §3.4–6).
+    """ODE move to t_e, then forward diffusion to t (docs/method.md §3.4–3.6).
 
     x_e = α_{t_e} x̂0 + σ_{t_e} ε̂;   x_t = (α_t/α_{t_e}) x_e + β n;
     mixed noise m = ((α_t/α_{t_e}) σ_{t_e} ε̂ + β n) / σ_t, so that x_t = α_t x̂0 + σ_t m.

@@ -77,7 +77,7 @@ def test_adapter_shapes_condition_and_resolution(tiny_cogvideox, cog):
 
 
 def test_path_is_the_cogvideox_table_with_pure_noise_at_999(cog):
-    """ᾱ with the SNR shift (snr_shift_scale 3) and zero terminal SNR (TDM_SPEC §1)."""
+    """ᾱ with the SNR shift (snr_shift_scale 3) and zero terminal SNR (docs/method.md §1)."""
     from diffusers import DDPMScheduler
 
     ac = cog.scheduler.alphas_cumprod.float()

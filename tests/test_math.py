@@ -1,4 +1,4 @@
-"""Each formula of tdm/ against values computed by hand (TDM_SPEC §1–5)."""
+"""Each formula of tdm/ against values computed by hand (docs/method.md §1–5)."""
 import math
 
 import numpy as np
@@ -43,7 +43,7 @@ def test_x0_eps_conversions_recover_the_truth(path, prediction_type):
 
 
 def test_flow_conversion_recovers_the_truth():
-    """Rectified flow: α = 1 − σ, the network predicts v = ε − x0 (TDM_SPEC §1, SD3)."""
+    """Rectified flow: α = 1 − σ, the network predicts v = ε − x0 (docs/method.md §1, SD3)."""
     sigma = torch.linspace(0.001, 0.999, 1000, dtype=torch.float64)
     flow = GaussianPath(1 - sigma, sigma)
     x0, eps = torch.randn(2, 3), torch.randn(2, 3)

@@ -60,7 +60,7 @@ def _unet_output(backbone, unet, probe):
 
 def _check_rollout_equals_pipeline(family):
     """The stock pipeline with the training-grid scheduler (latents=z, guidance 1) returns the
-    training rollout's sample (TDM_SPEC §7)."""
+    training rollout's sample (docs/method.md §7)."""
     model, backbone = family
     from infer_tdm import sample_student, student_pipeline
     from tdm.method import TDM, TDMConfig

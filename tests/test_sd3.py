@@ -78,7 +78,7 @@ def test_condition_holds_three_encoders_and_pooled_projections(sd3):
 
 
 def test_path_is_the_schedulers_shifted_sigmas(sd3):
-    """σ_t = shift-3 sigma of timestep t + 1 (TDM_SPEC §1): the table read backwards, σ_999 = 1."""
+    """σ_t = shift-3 sigma of timestep t + 1 (docs/method.md §1): the table read backwards, σ_999 = 1."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)

@@ -1,4 +1,4 @@
-"""Step conditions (TDM_SPEC §6): the embedding, its effect on every backbone, TDM-unify's draws
+"""Step conditions (docs/method.md §6): the embedding, its effect on every backbone, TDM-unify's draws
 and conditions, and a unify student's export → load → sample round trip."""
 import os
 import sys

@@ -130,7 +130,7 @@ class Backbone:
     def denoiser(self, module: torch.nn.Module, role: Optional[str] = None) -> "Denoiser":
         return Denoiser(module, self, role)
 
-    # Where the step condition of TDM_SPEC §6 is added: the module whose output is the
+    # Where the step condition of docs/method.md §6 is added: the module whose output is the
     # timestep embedding ([batch, dim]) of the denoiser.
     step_embedding_site: str = "time_embedding"
 
@@ -141,7 +141,7 @@ class Backbone:
 
     def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
         """Give `pipe` a stock scheduler that reproduces the training rollout on `timesteps`
-        (TDM_SPEC §7) and return the pipeline-call arguments that select the grid. DDPM family:
+        (docs/method.md §7) and return the pipeline-call arguments that select the grid. DDPM family:
         first-order DPM-Solver++, which is the DDIM update of §2."""
         from ..sampling import exact_grid_scheduler
 
@@ -164,7 +164,7 @@ class Backbone:
 
 
 class Denoiser:
-    """(x_t, t, condition) -> (x̂0, ε̂) in float32 (TDM_SPEC §1). `role` (student, fake score,
+    """(x_t, t, condition) -> (x̂0, ε̂) in float32 (docs/method.md §1). `role` (student, fake score,
     None for the teacher) is the scope of the call (tdm.roles): it selects the LoRA adapter on a
     shared base and the step embedding, for this call and its recompute in backward only."""
 

@@ -1,5 +1,5 @@
 """CogVideoX (text-to-video): CogVideoXTransformer3DModel, v-prediction on a zero-terminal-SNR
-path whose ᾱ table is the CogVideoX scheduler's own (SNR shift, then rescale; TDM_SPEC §1), T5
+path whose ᾱ table is the CogVideoX scheduler's own (SNR shift, then rescale; docs/method.md §1), T5
 text encoder without attention mask, latents [F, C, H, W] per video, rotary position embeddings
 (CogVideoX-5B) computed as CogVideoXPipeline computes them."""
 from __future__ import annotations
@@ -160,7 +160,7 @@ class CogVideoXBackbone(Backbone):
         return pipe
 
     def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
-        """First-order DPM-Solver++ (the DDIM update of TDM_SPEC §2, see
+        """First-order DPM-Solver++ (the DDIM update of docs/method.md §2, see
         `sampling.exact_grid_scheduler`) on the CogVideoX ᾱ table passed as `trained_betas`:
         DPMSolverMultistepScheduler knows no SNR shift, and CogVideoXDDIMScheduler takes no
         custom timesteps."""

@@ -1,5 +1,5 @@
 """PixArt-α: PixArtTransformer2DModel, ε-prediction with learned-sigma channels, T5 text
-encoder with attention mask, DDPM table with linear betas (TDM_SPEC §1)."""
+encoder with attention mask, DDPM table with linear betas (docs/method.md §1)."""
 from __future__ import annotations
 
 from typing import List, Optional

@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x (Dreamshaper-7 by default): UNet2DConditionModel, one CLIP text encoder,
 the prediction type of the scheduler config (ε for SD1.5), DDPM table with scaled_linear betas
-(TDM_SPEC §1). The unconditional branch of the teacher is the empty prompt (TDM_SPEC §5)."""
+(docs/method.md §1). The unconditional branch of the teacher is the empty prompt (docs/method.md §5)."""
 from __future__ import annotations
 
 from typing import List, Optional

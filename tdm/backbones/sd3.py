@@ -1,5 +1,5 @@
 """Stable Diffusion 3: SD3Transformer2DModel, rectified flow with the teacher's shifted sigmas,
-three text encoders (two CLIP with pooled projections, one T5) (TDM_SPEC §1).
+three text encoders (two CLIP with pooled projections, one T5) (docs/method.md §1).
 
 Time convention. `FlowMatchEulerDiscreteScheduler(shift=s)` holds, right after construction, the
 training sigmas of the timesteps 1000, 999, …, 1: σ(u) = s·u / (1 + (s − 1)·u) with u = timestep/1000.
@@ -9,7 +9,7 @@ The path index t ∈ {0, …, 999} is the timestep t + 1, i.e. `sigmas` read bac
 
 A high index is more noise, as for the DDPM family, and T = 1000 puts the first step of the grid
 999, 749, 499, 249 on pure noise exactly. α_999 = 0 is harmless: the flow conversion never divides
-by α, and the transition of TDM_SPEC §3.5 divides by α_{t_e} only, with t_e ≤ τ_{K−1} + 1 < 999
+by α, and the transition of docs/method.md §3.5 divides by α_{t_e} only, with t_e ≤ τ_{K−1} + 1 < 999
 for any grid whose first two steps are not 999, 998. The network reads the scheduler's timestep
 σ_t · 1000 (not the index t).
 """
@@ -39,7 +39,7 @@ UPSTREAM_FLOW_SHIFT = 6.0   # the value the upstream snippet sets for the TDM st
 
 
 def flow_path(scheduler) -> GaussianPath:
-    """α_t = 1 − σ_t, σ_t = the scheduler's shifted training sigma of timestep t + 1 (TDM_SPEC §1)."""
+    """α_t = 1 − σ_t, σ_t = the scheduler's shifted training sigma of timestep t + 1 (docs/method.md §1)."""
     if scheduler.config.get("use_dynamic_shifting"):
         raise ValueError("the SD3 adapter needs a fixed shift (use_dynamic_shifting=False)")
     sigma = scheduler.sigmas.flip(0)
@@ -153,10 +153,10 @@ class SD3Backbone(Backbone):
         return pipe
 
     def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
-        """The exact training rollout with the stock FlowMatchEulerDiscreteScheduler (TDM_SPEC §7).
+        """The exact training rollout with the stock FlowMatchEulerDiscreteScheduler (docs/method.md §7).
 
         Its step is Euler: x' = x + (σ' − σ)·v. With x̂0 = x − σv and ε̂ = x + (1 − σ)v, the DDIM
-        move of TDM_SPEC §2 is
+        move of docs/method.md §2 is
             α' x̂0 + σ' ε̂ = (1 − σ')(x − σv) + σ'(x + (1 − σ)v) = x + (σ' − σ)·v,
         the same update; the last step goes to σ' = 0, where x' = x − σv = x̂0. The teacher's own
         scheduler config (shift s) shifts the `sigmas` it is given, so it is given the unshifted

@@ -1,7 +1,7 @@
 """Stable Diffusion XL: the SD1.x adapter with two CLIP text encoders (penultimate hidden states
 concatenated), the pooled embedding of the second one, and the added time ids
 (original size, crop (0, 0), target size = the training resolution) passed to the UNet as
-`added_cond_kwargs` (TDM_SPEC §1; the condition dict carries them batch-first)."""
+`added_cond_kwargs` (docs/method.md §1; the condition dict carries them batch-first)."""
 from __future__ import annotations
 
 from typing import List

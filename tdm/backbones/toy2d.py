@@ -1,5 +1,5 @@
 """toy2d: TDM on a 2-D Gaussian mixture. An MLP ε-denoiser on PixArt's DDPM table (linear betas
-1e-4→0.02, 1000 steps, TDM_SPEC §1); its teacher is pre-trained by denoising score matching the
+1e-4→0.02, 1000 steps, docs/method.md §1); its teacher is pre-trained by denoising score matching the
 first time a teacher folder is used, and cached there.
 
 Options (`--backbone_options`, or `backbone_options:` in a config):
