@@ -4,9 +4,10 @@
     accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
         --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
 
-Per iteration (docs/method.md §2–5): roll the student out on its step grid from pure noise; update the
-fake score ψ on points of that trajectory; then update the student θ with the teacher-minus-fake
-direction at a freshly drawn point. The maths is in tdm/; this file wires it to accelerate.
+Per iteration (docs/method.md §2–5): roll the student θ out on its step grid from pure noise;
+update the fake score ψ on points of that trajectory; then update the student with the
+teacher-minus-fake-score direction at a freshly drawn point. The maths is in tdm/ (draws, rollout
+and losses in tdm/method.py); this file wires it to accelerate.
 """
 from __future__ import annotations
 
@@ -75,18 +76,22 @@ def register_checkpoint_hooks(accelerator, networks):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, lr_scheduler=None):
-    """Average gradients where DDP does not, clip, step (accelerate skips it while accumulating).
-    A non-finite gradient skips the update so no optimiser state is poisoned; returns whether
-    the update was applied. (With fp16, accelerate's grad scaler handles overflow itself.)"""
-    applied = True
-    if accelerator.sync_gradients:
-        networks.reduce_gradients(accelerator, params)
-        grads = [p.grad for p in params if p.grad is not None]
-        if accelerator.scaler is None and not all_finite(accelerator, *grads):
-            applied = False
-        elif max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
+def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
+           lr_scheduler=None) -> bool:
+    """backward → optimiser step of one update. A non-finite loss or gradient skips the step on
+    every process, so no optimiser state is poisoned; returns whether it was applied. Averages
+    gradients where DDP does not, clips, steps (accelerate skips it while accumulating). With
+    fp16, accelerate's grad scaler handles overflow itself."""
+    applied = all_finite(accelerator, loss)
+    if applied:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            networks.reduce_gradients(accelerator, params)
+            grads = [p.grad for p in params if p.grad is not None]
+            if accelerator.scaler is None and not all_finite(accelerator, *grads):
+                applied = False
+            elif max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
     if applied:
         optimizer.step()
         if lr_scheduler is not None:
@@ -95,44 +100,27 @@ def step_optimizer(accelerator, networks, optimizer, params, max_grad_norm=0.0, 
     return applied
 
 
-def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_optimizer,
-                  generator_optimizer, lr_scheduler, max_grad_norm, poison=False):
-    """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5). Returns both losses
-    and how many of the two updates were skipped for non-finite values."""
-    from tdm.conditions import expand_condition
+def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer,
+                  student_optimizer, lr_scheduler, max_grad_norm):
+    """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5): the fake-score
+    update, then the student update against teacher minus the updated fake score. Returns both
+    losses and how many of the two updates were skipped for non-finite values.
 
-    batch = next(iter(cond.values())).shape[0]
-    noise = tdm.randn((batch, *latent_shape), accelerator.device)
-    skipped = 0
-    # Each update's forward gets its own autocast region: autocast caches the low-precision copy
-    # of every trainable weight until its region ends, so one region around both updates would
-    # let the generator update read the fake score ψ from before its optimiser step.
+    Each update's forward gets its own autocast region: autocast caches the low-precision copy
+    of every trainable weight until its region ends, so one region around both updates would
+    let the student update read the fake score ψ from before its optimiser step."""
     with accelerator.accumulate(*networks.wrapped):
         with accelerator.autocast():
-            fake_draw, generator_draw = tdm.draw(batch, accelerator.device)
-            trajectory = tdm.rollout(networks.student_eval, noise, cond,
-                                     tdm.rollout_depth(fake_draw, generator_draw), fake_draw.num_steps)
-            # 1. fake score ψ on the student's trajectory (§4)
-            fake_loss = tdm.fake_score_loss(trajectory, cond, networks.fake, fake_draw)
-        fake_loss = fake_loss * float("nan") if poison else fake_loss
-        if all_finite(accelerator, fake_loss):
-            accelerator.backward(fake_loss)
-            skipped += not step_optimizer(accelerator, networks, fake_optimizer, networks.fake_params)
-        else:
-            skipped += 1
-        # 2. student θ against teacher minus the updated ψ, at a fresh draw (§5)
+            iteration = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
+            fake_score_loss = iteration.fake_score_loss(networks.fake_score)
+        fake_score_applied = update(accelerator, networks, fake_score_loss, fake_score_optimizer,
+                                    networks.fake_score_params)
         with accelerator.autocast():
-            generator_loss = tdm.generator_loss(trajectory, cond, expand_condition(uncond, batch),
-                                                networks.student, networks.teacher,
-                                                networks.fake_eval, generator_draw)
-        generator_loss = generator_loss * float("nan") if poison else generator_loss
-        if all_finite(accelerator, generator_loss):
-            accelerator.backward(generator_loss)
-            skipped += not step_optimizer(accelerator, networks, generator_optimizer,
-                                          networks.student_params, max_grad_norm, lr_scheduler)
-        else:
-            skipped += 1
-    return fake_loss, generator_loss, skipped
+            student_loss = iteration.student_loss(networks.student, networks.teacher,
+                                                  networks.fake_score_eval)
+        student_applied = update(accelerator, networks, student_loss, student_optimizer,
+                                 networks.student_params, max_grad_norm, lr_scheduler)
+    return fake_score_loss, student_loss, (not fake_score_applied) + (not student_applied)
 
 
 def save_checkpoint(accelerator, args, global_step) -> str:
@@ -180,9 +168,9 @@ def log_validation(accelerator, args, run, global_step):
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
     prompts = args.validation_prompts
     cond = run.encode(prompts)
-    generator = torch.Generator().manual_seed(args.validation_seed)
+    rng = torch.Generator().manual_seed(args.validation_seed)
     shape = (len(prompts), *backbone.latent_shape(args.resolution, args.num_frames))
-    noise = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=rng)
     with accelerator.autocast():
         latents = torch.cat([tdm.rollout(student, noise.to(accelerator.device), cond, num_steps=K).sample
                              for K in tdm.step_counts])
@@ -228,7 +216,7 @@ def build(args):
     from diffusers.optimization import get_scheduler
 
     from tdm.backbones import load_backbone
-    from tdm.method import TDM, NoiseGenerator, TDMConfig
+    from tdm.method import TDM, TDMConfig, TrainingRNG
     from tdm.networks import build_networks
     from tdm.step_condition import step_tables
 
@@ -284,23 +272,23 @@ def build(args):
     uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
     encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
 
-    # Two AdamW optimisers; LR schedule and clipping on the generator only (docs/method.md §4–5).
-    fake_optimizer = make_optimizer(networks.fake_params, args.learning_rate, args)
-    generator_optimizer = make_optimizer(networks.student_params,
+    # Two AdamW optimisers; LR schedule and clipping on the student only (docs/method.md §4–5).
+    fake_score_optimizer = make_optimizer(networks.fake_score_params, args.learning_rate, args)
+    student_optimizer = make_optimizer(networks.student_params,
                                          args.learning_rate * args.generator_lr_ratio, args)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=generator_optimizer,
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=student_optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
                                              drop_last=True, num_workers=args.dataloader_num_workers)
     # order matters under FSDP: optimiser i is saved with model i (student, then fake score)
-    generator_optimizer, fake_optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        generator_optimizer, fake_optimizer, dataloader, lr_scheduler)
+    student_optimizer, fake_score_optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        student_optimizer, fake_score_optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, networks)
-    noise_generator = NoiseGenerator(accelerator.device, (args.seed or 0) + accelerator.process_index,
+    training_rng = TrainingRNG(accelerator.device, (args.seed or 0) + accelerator.process_index,
                                      shared_seed=args.seed or 0)
-    accelerator.register_for_checkpointing(noise_generator)
+    accelerator.register_for_checkpointing(training_rng)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
@@ -311,10 +299,10 @@ def build(args):
                                              share_step_draw=args.share_step_draw,
                                              unify_steps=tuple(args.unify_steps or ()),
                                              fake_step_condition=args.fake_step_condition),
-              noise_generator)
+              training_rng)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,
                            encode=encode, uncond=uncond, dataloader=dataloader,
-                           fake_optimizer=fake_optimizer, generator_optimizer=generator_optimizer,
+                           fake_score_optimizer=fake_score_optimizer, student_optimizer=student_optimizer,
                            lr_scheduler=lr_scheduler,
                            latent_shape=backbone.latent_shape(args.resolution, args.num_frames))
 
@@ -382,24 +370,24 @@ def main(args) -> int:
                    else run.dataloader)
         skip_batches = 0
         for batch_prompts in batches:
-            fake_loss, generator_loss, skipped = tdm_iteration(
+            fake_score_loss, student_loss, skipped = tdm_iteration(
                 accelerator, tdm, networks, run.encode(batch_prompts), run.uncond, run.latent_shape,
-                run.fake_optimizer, run.generator_optimizer, run.lr_scheduler, args.max_grad_norm,
-                poison=global_step + 1 in (args.debug_nonfinite_steps or ()))
+                run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             nonfinite_total += skipped
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-            logs = {"step": global_step, "loss_fake": fake_loss.detach().item(),
-                    "loss_generator": generator_loss.detach().item(),
+            logs = {"step": global_step, "loss_fake_score": fake_score_loss.detach().item(),
+                    "loss_student": student_loss.detach().item(),
                     "lr": run.lr_scheduler.get_last_lr()[0], "nonfinite_skipped": nonfinite_total}
             if args.log_prompts:
                 from accelerate.utils import gather_object
 
                 logs["prompts_per_rank"] = gather_object([list(batch_prompts)])
             progress.update(1)
-            progress.set_postfix(fake=f"{logs['loss_fake']:.4g}", gen=f"{logs['loss_generator']:.4g}")
+            progress.set_postfix(fake_score=f"{logs['loss_fake_score']:.4g}",
+                                 student=f"{logs['loss_student']:.4g}")
             accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))},
                             step=global_step)
             if accelerator.is_main_process:

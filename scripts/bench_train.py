@@ -67,7 +67,7 @@ class Counters:
         self.networks = networks
         for module in networks.modules():
             module.register_forward_pre_hook(self._forward, with_kwargs=True)
-        for role, params in (("student", networks.student_params), ("fake_score", networks.fake_params)):
+        for role, params in (("student", networks.student_params), ("fake_score", networks.fake_score_params)):
             params[0].register_hook(lambda grad, role=role: self._backward(role))
 
     @staticmethod
@@ -139,7 +139,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(batch), run.uncond,
-                                run.latent_shape, run.fake_optimizer, run.generator_optimizer,
+                                run.latent_shape, run.fake_score_optimizer, run.student_optimizer,
                                 run.lr_scheduler, targs.max_grad_norm)
         if run.accelerator.device.type == "cuda":
             torch.cuda.synchronize()

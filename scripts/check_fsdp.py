@@ -49,7 +49,7 @@ def launch(args, out, steps, sharded, extra=()):
     subprocess.run(cmd, check=True)
     with open(os.path.join(out, "train_log.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    losses = {line["step"]: (line["loss_fake"], line["loss_generator"]) for line in lines if "loss_fake" in line}
+    losses = {line["step"]: (line["loss_fake_score"], line["loss_student"]) for line in lines if "loss_fake_score" in line}
     return losses, lines[-1]["student_checksum_per_rank"][0]
 
 

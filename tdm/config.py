@@ -129,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_nonfinite", type=int, default=10,
                    help="Stop (with a checkpoint) after this many iterations in a row whose losses "
                    "or gradients were not finite; such updates are skipped.")
-    g.add_argument("--debug_nonfinite_steps", type=int_list, default=None, help=argparse.SUPPRESS)
     g.add_argument("--seed", type=int, default=None, help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",

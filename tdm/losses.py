@@ -53,8 +53,8 @@ class FakeScoreLoss:
         return (weight.detach() * mse).mean()
 
 
-class GeneratorLoss:
-    """Distribution-matching surrogate on the student's x̂0 (docs/method.md §5).
+class StudentLoss:
+    """The student update's distribution-matching surrogate on x̂0 (docs/method.md §5).
 
     target = sg(x̂0 + (x0_real − x0_fake)), w = sg(mean |x̂0 − x0_real|) per sample, and
       mse:        mean( (x̂0 − target)² / w )

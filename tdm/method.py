@@ -1,7 +1,17 @@
 """One TDM iteration in terms of three denoisers (x_t, t, condition) -> (x̂0, ε̂).
 
-The training script owns devices, optimisers and logging; this object owns the maths:
-fake-score loss (docs/method.md §4) and generator loss (docs/method.md §5) on a shared student rollout.
+Glossary (docs/method.md, Notation), used in code, docs and logs:
+    teacher φ      the frozen pretrained model
+    student θ      the K-step model being distilled; its update is the *student update* (§5,
+                   the paper's "generator update"; the CLI keeps the upstream --generator_lr_ratio)
+    fake score ψ   the denoiser trained on the student's trajectory (§4)
+    draw           one update's (k, t_g, t_e, t) per sample (§3), a `Draw`
+    K, T, grid     steps, horizon (--total_steps) and step times τ_K > … > τ_1 (§2)
+    rng            a torch.Generator; `TrainingRNG` holds the training stream
+
+`TDM.start` makes an iteration's draws and the student's rollout; the returned `Iteration` gives
+the two losses. Nothing about draws, depths or K leaves this module: the training script only
+runs forward loss → backward → optimiser step for each update.
 """
 from __future__ import annotations
 
@@ -10,15 +20,14 @@ from typing import Optional
 
 import torch
 
-from .conditions import cat_conditions
-from .losses import FakeScoreLoss, GeneratorLoss, classifier_free_guidance
+from .conditions import cat_conditions, expand_condition
+from .losses import FakeScoreLoss, StudentLoss, classifier_free_guidance
 from .path import GaussianPath
 from .step_condition import NUM_STEPS, STEP_INDEX
-from .trajectory import (DenoiserFn, Interval, Rollout, StepGrid, diffuse, rollout,
-                         sample_intervals)
+from .trajectory import DenoiserFn, Draw, Rollout, StepGrid, diffuse, rollout, sample_draw
 
 
-@dataclass
+@dataclass(frozen=True)
 class TDMConfig:
     cfg: float = 4.5
     separate: bool = False      # mode 1 (--use_separate) vs mode 2 (intervals up to T)
@@ -32,67 +41,118 @@ class TDMConfig:
     fake_step_condition: bool = False  # the fake score also sees the step index k
 
 
-class NoiseGenerator:
-    """The random stream of training (initial noise, interval draws, diffusion noise), separate
-    from torch's global one so that a checkpoint can store it and resume continues it exactly."""
+class TrainingRNG:
+    """The random stream of training (initial noise, draws, diffusion noise), separate from
+    torch's global one so that a checkpoint can store it and resume continues it exactly."""
 
     def __init__(self, device, seed: int, shared_seed: Optional[int] = None):
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rng = torch.Generator(device=device).manual_seed(seed)
         # draws every process must agree on (the iteration's K: sharded forwards are collective)
-        self.shared = torch.Generator().manual_seed(seed if shared_seed is None else shared_seed)
+        self.shared_rng = torch.Generator().manual_seed(seed if shared_seed is None else shared_seed)
 
     def randn(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, device=device, generator=self.generator)
+        return torch.randn(shape, device=device, generator=self.rng)
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state(), "shared": self.shared.get_state()}
+        return {"state": self.rng.get_state(), "shared": self.shared_rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        self.rng.set_state(state["state"])
         if "shared" in state:
-            self.shared.set_state(state["shared"])
+            self.shared_rng.set_state(state["shared"])
+
+
+@dataclass
+class Iteration:
+    """One iteration's prompts, draws and student rollout (built by `TDM.start`); its two
+    methods are the losses of the fake-score update and of the student update, in that order."""
+
+    tdm: "TDM"
+    cond: dict
+    uncond: dict                # the empty prompt's condition, one row per sample
+    num_steps: int              # K of this iteration
+    fake_score_draw: Draw
+    student_draw: Draw
+    trajectory: Rollout
+
+    def fake_score_loss(self, fake_score: DenoiserFn) -> torch.Tensor:
+        """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
+        tdm, draw = self.tdm, self.fake_score_draw
+        _, x0, eps = self.trajectory.at(draw.k)
+        n = tdm.randn(x0.shape, x0.device)
+        x_t, m = diffuse(tdm.path, x0, eps, draw.t_e, draw.t, n)
+        x0_fake, _ = fake_score(x_t, draw.t, tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
+        return tdm.fake_score_objective(x0_fake, x0, draw.t, m, n)
+
+    def student_loss(self, student: DenoiserFn, teacher: DenoiserFn,
+                     fake_score: DenoiserFn) -> torch.Tensor:
+        """§5. The gradient reaches θ only through x̂0 of the one student step at the draw's k;
+        `fake_score` is ψ after its update of this iteration."""
+        tdm, draw = self.tdm, self.student_draw
+        state, _, _ = self.trajectory.at(draw.k)
+        x0, eps = student(state, draw.t_g, tdm.student_condition(self.cond, self.num_steps))
+        n = tdm.randn(x0.shape, x0.device)
+        with torch.no_grad():
+            x_t, _ = diffuse(tdm.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
+            x0_real = tdm.teacher_x0(teacher, x_t, draw.t, self.cond, self.uncond)
+            x0_fake, _ = fake_score(x_t, draw.t,
+                                    tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
+        return tdm.student_objective(x0, x0_real, x0_fake)
 
 
 class TDM:
     def __init__(self, path: GaussianPath, grid: StepGrid, config: TDMConfig,
-                 noise: Optional[NoiseGenerator] = None):
+                 rng: Optional[TrainingRNG] = None):
         self.path = path
         self.grid = grid
         self.config = config
-        self.noise = noise
+        self.rng = rng
         # one grid per step count: the given grid, or k·T/K − 1 for each K of TDM-unify (§6)
         self.grids = ({K: StepGrid.uniform(K, grid.horizon) for K in config.unify_steps}
                       if config.unify_steps else {grid.num_steps: grid})
         self.fake_score_objective = FakeScoreLoss(path, config.snr_gamma, config.importance_weight)
-        self.generator_objective = GeneratorLoss(config.loss)
+        self.student_objective = StudentLoss(config.loss)
 
     @property
     def step_counts(self) -> list:
         """The K the student is trained for (one, unless TDM-unify)."""
         return sorted(self.grids)
 
+    def start(self, student: DenoiserFn, cond: dict, uncond: dict, latent_shape: tuple,
+              device) -> Iteration:
+        """Draw this iteration's K and both updates' draws, then roll the student out from pure
+        noise, each sample only as deep as its draws need (lazy rollout: the fake-score update
+        reads the prediction AT step k, K − k + 1 forwards; the student update only the state
+        BEFORE step k, K − k forwards). `uncond` has one row (the empty prompt)."""
+        batch = next(iter(cond.values())).shape[0]
+        noise = self.randn((batch, *latent_shape), device)
+        K = self.draw_num_steps()
+        fake_score_draw, student_draw = self.draw(K, batch, device)
+        depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)
+                 if self.config.lazy_rollout else None)
+        trajectory = self.rollout(student, noise, cond, depth, K)
+        return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw,
+                         student_draw, trajectory)
+
     def draw_num_steps(self) -> int:
         """K of this iteration (§6): uniform over the unify set, the same on every process."""
         counts = self.step_counts
         if len(counts) == 1:
             return counts[0]
-        generator = self.noise.shared if self.noise else None
-        return counts[int(torch.randint(len(counts), (1,), generator=generator))]
+        shared_rng = self.rng.shared_rng if self.rng else None
+        return counts[int(torch.randint(len(counts), (1,), generator=shared_rng))]
 
-    def draw(self, batch: int, device):
-        """(fake-score draw, generator draw) of (k, t_g, t_e, t) per sample (docs/method.md §3.1–3.3),
-        both on the grid of this iteration's K.
-
-        Both are drawn before the rollout so that it knows how deep each sample must go; they are
-        independent, as with the demo's fresh draw after the fake update. With share_step_draw
-        the generator reuses the fake draw's k (fresh t_e and t)."""
-        generator = self.noise.generator if self.noise else None
-        grid = self.grids[self.draw_num_steps()]
-        fake = sample_intervals(grid, batch, device, self.config.separate, self.config.randmid,
-                                generator)
-        gen = sample_intervals(grid, batch, device, self.config.separate, self.config.randmid,
-                               generator, k=fake.k if self.config.share_step_draw else None)
-        return fake, gen
+    def draw(self, num_steps: int, batch: int, device) -> tuple:
+        """(fake-score draw, student draw) of (k, t_g, t_e, t) per sample on the grid of K
+        (§3.1–3.3). Both come before the rollout so that it knows how deep each sample must go;
+        they are independent, as with the demo's fresh draw after the fake-score update. With
+        share_step_draw the student draw reuses the fake-score draw's k (fresh t_e and t)."""
+        rng = self.rng.rng if self.rng else None
+        grid, c = self.grids[num_steps], self.config
+        fake_score_draw = sample_draw(grid, batch, device, c.separate, c.randmid, rng)
+        student_draw = sample_draw(grid, batch, device, c.separate, c.randmid, rng,
+                                   k=fake_score_draw.k if c.share_step_draw else None)
+        return fake_score_draw, student_draw
 
     def student_condition(self, cond: dict, num_steps: int) -> dict:
         """The student's condition: the prompt, plus K under TDM-unify (§6)."""
@@ -102,19 +162,11 @@ class TDM:
         device = next(iter(cond.values())).device
         return {**cond, NUM_STEPS: torch.full((batch,), num_steps, dtype=torch.long, device=device)}
 
-    def fake_condition(self, cond: dict, num_steps: int, k: torch.Tensor) -> dict:
+    def fake_score_condition(self, cond: dict, num_steps: int, k: torch.Tensor) -> dict:
         """The fake score's condition: the student's, plus the step index k with
         fake_step_condition (mode 2: the steps' noise intervals overlap)."""
         cond = self.student_condition(cond, num_steps)
         return {**cond, STEP_INDEX: k} if self.config.fake_step_condition else cond
-
-    def rollout_depth(self, fake: Interval, gen: Interval) -> Optional[torch.Tensor]:
-        """Steps each sample needs: the fake update reads the student's prediction AT step k_f
-        (K − k_f + 1 forwards), the generator update only the state BEFORE step k_g (K − k_g)."""
-        if not self.config.lazy_rollout:
-            return None
-        K = fake.num_steps
-        return torch.maximum(K - fake.k + 1, K - gen.k)
 
     def rollout(self, student: DenoiserFn, noise: torch.Tensor, cond: dict,
                 depth: Optional[torch.Tensor] = None, num_steps: Optional[int] = None) -> Rollout:
@@ -123,17 +175,9 @@ class TDM:
         return rollout(student, noise, self.student_condition(cond, K), self.grids[K], self.path, depth)
 
     def randn(self, shape, device) -> torch.Tensor:
-        if self.noise is None:
+        if self.rng is None:
             return torch.randn(shape, device=device)
-        return self.noise.randn(shape, device)
-
-    def fake_score_loss(self, traj: Rollout, cond: dict, fake: DenoiserFn, draw: Interval) -> torch.Tensor:
-        """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
-        _, x0, eps = traj.at(draw.k)
-        noise = self.randn(x0.shape, x0.device)
-        x_t, m = diffuse(self.path, x0, eps, draw.t_e, draw.t, noise)
-        x0_fake, _ = fake(x_t, draw.t, self.fake_condition(cond, draw.num_steps, draw.k))
-        return self.fake_score_objective(x0_fake, x0, draw.t, m, noise)
+        return self.rng.randn(shape, device)
 
     @torch.no_grad()
     def teacher_x0(self, teacher: DenoiserFn, x_t, t, cond: dict, uncond: dict) -> torch.Tensor:
@@ -143,15 +187,3 @@ class TDM:
         x0 = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, uncond))[0]
         x0_cond, x0_uncond = x0.chunk(2)
         return classifier_free_guidance(x0_cond, x0_uncond, self.config.cfg)
-
-    def generator_loss(self, traj: Rollout, cond: dict, uncond: dict, student: DenoiserFn,
-                       teacher: DenoiserFn, fake: DenoiserFn, draw: Interval) -> torch.Tensor:
-        """§5. The gradient reaches θ only through x̂0 of the one student step at draw.k."""
-        state, _, _ = traj.at(draw.k)
-        x0, eps = student(state, draw.t_g, self.student_condition(cond, draw.num_steps))
-        noise = self.randn(x0.shape, x0.device)
-        with torch.no_grad():
-            x_t, _ = diffuse(self.path, x0.detach(), eps.detach(), draw.t_e, draw.t, noise)
-            x0_real = self.teacher_x0(teacher, x_t, draw.t, cond, uncond)
-            x0_fake, _ = fake(x_t, draw.t, self.fake_condition(cond, draw.num_steps, draw.k))
-        return self.generator_objective(x0, x0_real, x0_fake)

@@ -26,12 +26,12 @@ from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
 @dataclass
 class Networks:
     teacher: Denoiser
-    student: Denoiser         # gradient step of the generator (may run through DDP)
-    fake: Denoiser            # gradient step of the fake score (may run through DDP)
+    student: Denoiser         # the student update's gradient call (may run through DDP)
+    fake_score: Denoiser      # the fake-score update's gradient call (may run through DDP)
     student_eval: Denoiser    # no-grad calls (rollout, validation): never through DDP, so
-    fake_eval: Denoiser       # ranks may run different numbers of them
+    fake_score_eval: Denoiser  # ranks may run different numbers of them
     student_params: List[torch.nn.Parameter]
-    fake_params: List[torch.nn.Parameter]
+    fake_score_params: List[torch.nn.Parameter]
     student_module: torch.nn.Module = None
     student_adapter: Optional[str] = None   # lora: the student's adapter on the shared base
     checkpointed: Dict[str, torch.nn.Module] = field(default_factory=dict)
@@ -42,7 +42,7 @@ class Networks:
     def modules(self) -> List[torch.nn.Module]:
         """The distinct networks (one in lora mode, three in full mode)."""
         found = []
-        for denoiser in (self.teacher, self.student_eval, self.fake_eval):
+        for denoiser in (self.teacher, self.student_eval, self.fake_score_eval):
             if not any(denoiser.module is m for m in found):
                 found.append(denoiser.module)
         return found
@@ -125,7 +125,7 @@ def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerato
         networks = lora_networks(backbone, weight_dtype, accelerator.device, lora_rank, lora_alpha,
                                  gradient_checkpointing, step_tables)
         if accelerator.num_processes > 1:   # what DDP would do: every rank starts from rank 0's init
-            for param in networks.student_params + networks.fake_params:
+            for param in networks.student_params + networks.fake_score_params:
                 torch.distributed.broadcast(param.data, src=0)
         return networks
     return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing, step_tables)
@@ -142,21 +142,21 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         if gradient_checkpointing:
             enable_gradient_checkpointing(net)
         copies.append(net)
-    student_wrapped, fake_wrapped = accelerator.prepare(*copies)
-    student, fake = copies
+    student_wrapped, fake_score_wrapped = accelerator.prepare(*copies)
+    student, fake_score = copies
     sharded = accelerator.distributed_type.value == "FSDP"
     # accelerate pairs the i-th prepared optimiser with the i-th model when it saves sharded
-    # states: train_tdm.build prepares the generator optimiser first, then the fake score's.
+    # states: train_tdm.build prepares the student's optimiser first, then the fake score's.
     return Networks(
         teacher=backbone.denoiser(teacher, TEACHER),
         student=backbone.denoiser(student_wrapped, STUDENT),
-        fake=backbone.denoiser(fake_wrapped, FAKE_SCORE),
+        fake_score=backbone.denoiser(fake_score_wrapped, FAKE_SCORE),
         # sharded wrappers own the parameters (and must run every forward themselves)
         student_eval=backbone.denoiser(student_wrapped if sharded else student, STUDENT),
-        fake_eval=backbone.denoiser(fake_wrapped if sharded else fake, FAKE_SCORE),
-        student_params=_trainable(student_wrapped), fake_params=_trainable(fake_wrapped),
-        student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake},
-        wrapped=[student_wrapped, fake_wrapped], sharded=sharded)
+        fake_score_eval=backbone.denoiser(fake_score_wrapped if sharded else fake_score, FAKE_SCORE),
+        student_params=_trainable(student_wrapped), fake_score_params=_trainable(fake_score_wrapped),
+        student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake_score},
+        wrapped=[student_wrapped, fake_score_wrapped], sharded=sharded)
 
 
 def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: float,
@@ -176,9 +176,10 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
     params = {name: [p for n, p in base.named_parameters() if f".{name}." in n and p.requires_grad]
               for name in (STUDENT, FAKE_SCORE)}
     student = backbone.denoiser(base, STUDENT)
-    fake = backbone.denoiser(base, FAKE_SCORE)
+    fake_score = backbone.denoiser(base, FAKE_SCORE)
     return Networks(teacher=backbone.denoiser(base, TEACHER),
-                    student=student, fake=fake, student_eval=student, fake_eval=fake,
-                    student_params=params[STUDENT], fake_params=params[FAKE_SCORE],
+                    student=student, fake_score=fake_score, student_eval=student,
+                    fake_score_eval=fake_score,
+                    student_params=params[STUDENT], fake_score_params=params[FAKE_SCORE],
                     student_module=base, student_adapter=STUDENT, checkpointed={"lora": base},
                     manual_gradient_sync=True)

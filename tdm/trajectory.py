@@ -100,8 +100,9 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
 
 
 @dataclass
-class Interval:
-    """A drawn point of the trajectory distribution, one entry per sample (docs/method.md §3.1–3.3)."""
+class Draw:
+    """One update's point of the trajectory distribution, one entry per sample
+    (docs/method.md §3.1–3.3)."""
 
     k: torch.Tensor    # step index in 1..K
     t_g: torch.Tensor  # the step's input time τ_k
@@ -110,16 +111,15 @@ class Interval:
     num_steps: int = 0  # K of the grid it was drawn on
 
 
-def _uniform_int(low: torch.Tensor, high: torch.Tensor, generator=None) -> torch.Tensor:
+def _uniform_int(low: torch.Tensor, high: torch.Tensor, rng=None) -> torch.Tensor:
     """Integer draw from U[low, high) per element; an empty range collapses to `low`."""
     span = (high - low).clamp(min=1)
-    u = torch.rand(low.shape, device=low.device, generator=generator)
+    u = torch.rand(low.shape, device=low.device, generator=rng)
     return low + (u * span).long().clamp(max=span - 1)
 
 
-def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid: bool,
-                     generator: Optional[torch.Generator] = None,
-                     k: Optional[torch.Tensor] = None) -> Interval:
+def sample_draw(grid: StepGrid, batch: int, device, separate: bool, randmid: bool,
+                rng: Optional[torch.Generator] = None, k: Optional[torch.Tensor] = None) -> Draw:
     """Draw (k, t_g, t_e, t) per sample (docs/method.md §3.1–3.3).
 
     k ~ U{1..K}; t_g = τ_k; t_e = τ_{k-1} + 1 (0 for the last step);
@@ -128,15 +128,15 @@ def sample_intervals(grid: StepGrid, batch: int, device, separate: bool, randmid
     A given `k` is kept (one step draw shared by both updates) and the rest drawn afresh.
     """
     if k is None:
-        k = torch.randint(1, grid.num_steps + 1, (batch,), device=device, generator=generator)
+        k = torch.randint(1, grid.num_steps + 1, (batch,), device=device, generator=rng)
     t_g = grid.tau(k)
     t_e = grid.tau(k - 1) + 1
     if randmid:
-        t_e = _uniform_int(t_e, t_g - 20, generator)
+        t_e = _uniform_int(t_e, t_g - 20, rng)
     low = t_e.clamp(min=20)
     high = t_g - 10 if separate else torch.full_like(t_g, grid.horizon - 10)
-    t = _uniform_int(low, high, generator)
-    return Interval(k=k, t_g=t_g, t_e=t_e, t=t, num_steps=grid.num_steps)
+    t = _uniform_int(low, high, rng)
+    return Draw(k=k, t_g=t_g, t_e=t_e, t=t, num_steps=grid.num_steps)
 
 
 def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1):

@@ -18,7 +18,7 @@ def main(model: str, out: str, mode: str) -> None:
     rank = production.run.accelerator.process_index
     record = production.iterate([PROMPTS[2 * rank: 2 * rank + 2]])
     torch.save({"record": record.__dict__, "student_state": production.student_state,
-                "fake_state": production.fake_state},
+                "fake_score_state": production.fake_score_state},
                os.path.join(out, f"rank{rank}.pt"))
     production.run.accelerator.wait_for_everyone()
 

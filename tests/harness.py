@@ -71,7 +71,7 @@ def role_modules(networks):
     """(student module, fake-score module), unwrapped; the same module twice in lora mode."""
     from tdm.roles import unwrap
 
-    return unwrap(networks.student_eval.module), unwrap(networks.fake_eval.module)
+    return unwrap(networks.student_eval.module), unwrap(networks.fake_score_eval.module)
 
 
 def named(module, params) -> Dict[str, torch.nn.Parameter]:
@@ -92,17 +92,17 @@ class Production:
         nets = self.run.networks
         student_module, fake_module = role_modules(nets)
         self.student = named(student_module, nets.student_params)
-        self.fake = named(fake_module, nets.fake_params)
-        assert len(self.student) == len(nets.student_params) and len(self.fake) == len(nets.fake_params)
+        self.fake_score = named(fake_module, nets.fake_score_params)
+        assert len(self.student) == len(nets.student_params) and len(self.fake_score) == len(nets.fake_score_params)
         scale = perturb_scale or (0.05 if args.train_mode == "lora" else 0.01)
         perturb(self.student.values(), 1, scale)
-        perturb(self.fake.values(), 2, scale)
-        self.before = {id(p): p.detach().clone() for p in [*self.student.values(), *self.fake.values()]}
+        perturb(self.fake_score.values(), 2, scale)
+        self.before = {id(p): p.detach().clone() for p in [*self.student.values(), *self.fake_score.values()]}
         self.student_state = {k: v.detach().clone() for k, v in student_module.state_dict().items()}
-        self.fake_state = {k: v.detach().clone() for k, v in fake_module.state_dict().items()}
+        self.fake_score_state = {k: v.detach().clone() for k, v in fake_module.state_dict().items()}
         self.grads = {}
-        for role, optimizer, params in (("fake", self.run.fake_optimizer, self.fake),
-                                        ("student", self.run.generator_optimizer, self.student)):
+        for role, optimizer, params in (("fake_score", self.run.fake_score_optimizer, self.fake_score),
+                                        ("student", self.run.student_optimizer, self.student)):
             optimizer.optimizer.register_step_pre_hook(
                 lambda opt, a, kw, role=role, params=params: self.grads.__setitem__(
                     role, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}))
@@ -112,14 +112,14 @@ class Production:
 
         run = self.run
         for prompts in micro_batches:
-            fake_loss, generator_loss, skipped = train_tdm.tdm_iteration(
+            fake_score_loss, student_loss, skipped = train_tdm.tdm_iteration(
                 run.accelerator, run.tdm, run.networks, run.encode(prompts), run.uncond,
-                run.latent_shape, run.fake_optimizer, run.generator_optimizer, run.lr_scheduler,
+                run.latent_shape, run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler,
                 self.args.max_grad_norm)
             assert skipped == 0
         change = lambda ps: {n: p.detach() - self.before[id(p)] for n, p in ps.items()}  # noqa: E731
-        return Record(fake_loss.item(), generator_loss.item(), self.grads["fake"],
-                      self.grads["student"], change(self.fake), change(self.student))
+        return Record(fake_score_loss.item(), student_loss.item(), self.grads["fake_score"],
+                      self.grads["student"], change(self.fake_score), change(self.student))
 
 
 def reference(production: Production, shard_prompts: List[List[List[str]]],
@@ -136,19 +136,19 @@ def reference(production: Production, shard_prompts: List[List[List[str]]],
         run.accelerator.mixed_precision, torch.float32)
     tables = step_tables(args.num_steps, args.unify_steps, args.fake_step_condition)
     plain = plain_networks(backbone, args.train_mode, weight_dtype, production.student_state,
-                           production.fake_state, tables, args.lora_rank, args.lora_alpha)
+                           production.fake_score_state, tables, args.lora_rank, args.lora_alpha)
     settings = settings_of(args)
     shared = torch.Generator().manual_seed(args.seed)
-    generators = [torch.Generator().manual_seed(args.seed + s) for s in range(len(shard_prompts))]
+    rngs = [torch.Generator().manual_seed(args.seed + s) for s in range(len(shard_prompts))]
     micro_batches = []
     for i in range(len(shard_prompts[0])):
         draws = []
-        for s, generator in enumerate(generators):
+        for s, rng in enumerate(rngs):
             # every process draws K from the same shared stream: replay it once per micro-batch
             state = shared.get_state()
             draws.append(draw_shard(settings, len(shard_prompts[s][i]), run.latent_shape, 0,
-                                    shared, generator))
-            if s < len(generators) - 1:
+                                    shared, rng))
+            if s < len(rngs) - 1:
                 shared.set_state(state)
         prompts = [p for s in range(len(shard_prompts)) for p in shard_prompts[s][i]]
         cond = backbone.encode_prompts(prompts)
@@ -184,13 +184,13 @@ def assert_records_equal(actual: Record, expected: Record, rtol: float = 1e-4) -
     optimiser steps. Adam divides each gradient element by its own magnitude, so an element
     whose gradient is ~0 (rounding-level) can step anywhere in ±lr: the steps are compared as
     a whole (relative L2), the gradients that produce them element by element."""
-    torch.testing.assert_close(actual.fake_loss, expected.fake_loss, rtol=rtol, atol=0)
-    torch.testing.assert_close(actual.generator_loss, expected.generator_loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(actual.fake_score_loss, expected.fake_score_loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(actual.student_loss, expected.student_loss, rtol=rtol, atol=0)
     # a comparison of zeros would prove nothing
-    assert grad_norm(expected.fake_grads) > 0 and grad_norm(expected.student_grads) > 0
-    assert_tensors_equal(actual.fake_grads, expected.fake_grads, rtol, "fake-score gradient")
+    assert grad_norm(expected.fake_score_grads) > 0 and grad_norm(expected.student_grads) > 0
+    assert_tensors_equal(actual.fake_score_grads, expected.fake_score_grads, rtol, "fake-score gradient")
     assert_tensors_equal(actual.student_grads, expected.student_grads, rtol, "student gradient")
-    for what, a, e in (("fake-score", actual.fake_step, expected.fake_step),
+    for what, a, e in (("fake-score", actual.fake_score_step, expected.fake_score_step),
                        ("student", actual.student_step, expected.student_step)):
         error = relative_error(a, e)
         assert error <= 10 * rtol, f"{what} optimiser step: relative L2 error {error:.3g}"
@@ -207,10 +207,10 @@ def assert_records_close(actual: Record, expected: Record, rtol: float) -> None:
     """Low precision: losses, and each update's whole gradient within `rtol` in L2 (rounding in
     bf16 differs with batch composition, so single elements of near-cancelling sums do not
     match; a wrong gradient is off by its own size, as the recompute bug was: 1.22)."""
-    torch.testing.assert_close(actual.fake_loss, expected.fake_loss, rtol=rtol, atol=0)
-    torch.testing.assert_close(actual.generator_loss, expected.generator_loss, rtol=rtol, atol=0)
-    assert grad_norm(expected.fake_grads) > 0 and grad_norm(expected.student_grads) > 0
-    for what, a, e in (("fake-score", actual.fake_grads, expected.fake_grads),
+    torch.testing.assert_close(actual.fake_score_loss, expected.fake_score_loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(actual.student_loss, expected.student_loss, rtol=rtol, atol=0)
+    assert grad_norm(expected.fake_score_grads) > 0 and grad_norm(expected.student_grads) > 0
+    for what, a, e in (("fake-score", actual.fake_score_grads, expected.fake_score_grads),
                        ("student", actual.student_grads, expected.student_grads)):
         error = relative_error(a, e)
         print(f"{what} gradient: relative L2 error {error:.3g}")

@@ -5,7 +5,7 @@ text-embedding cache, no shared base and no adapter switching. Only the formulas
 draw, diffusion, the two losses) are the library's own, each unit-tested against hand values.
 
 The random stream is replayed exactly as the training code consumes it, per process ("shard"):
-initial noise, K (shared), the fake-score draw, the generator draw, then the diffusion noise of
+initial noise, K (shared), the fake-score draw, the student draw, then the diffusion noise of
 each loss; several shards are concatenated into one batch (data parallelism).
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from tdm.losses import FakeScoreLoss, GeneratorLoss, classifier_free_guidance
+from tdm.losses import FakeScoreLoss, StudentLoss, classifier_free_guidance
 from tdm.lora import attach_lora
 from tdm.step_condition import ATTRIBUTE, NUM_STEPS, STEP_INDEX, StepEmbedding
-from tdm.trajectory import StepGrid, diffuse, sample_intervals
+from tdm.trajectory import StepGrid, diffuse, sample_draw
 
 
 class PlainDenoiser:
@@ -56,12 +56,12 @@ def attach_plain_step_embedding(module, backbone, role: str, sizes: Dict[str, in
 class PlainNetworks:
     teacher: PlainDenoiser
     student: PlainDenoiser
-    fake: PlainDenoiser
+    fake_score: PlainDenoiser
     student_params: Dict[str, torch.nn.Parameter] = field(default_factory=dict)
-    fake_params: Dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    fake_score_params: Dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
 
-def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict, fake_state: dict,
+def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict, fake_score_state: dict,
                    step_tables: dict, lora_rank: int = 4, lora_alpha: float = 4.0) -> PlainNetworks:
     """Three separate networks: the teacher frozen in `weight_dtype`; student and fake score as
     LoRA-on-their-own-copy (lora) or fp32 copies (full), loaded with the given weights."""
@@ -69,7 +69,7 @@ def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict,
 
     teacher = backbone.load_denoiser(weight_dtype).requires_grad_(False)
     roles = {}
-    for role, state in ((STUDENT, student_state), (FAKE_SCORE, fake_state)):
+    for role, state in ((STUDENT, student_state), (FAKE_SCORE, fake_score_state)):
         if train_mode == "lora":
             net = backbone.load_denoiser(weight_dtype)
             attach_lora(net, lora_rank, lora_alpha, backbone.lora_target_modules, adapter_name=role)
@@ -106,36 +106,36 @@ class Settings:
 class ShardDraws:
     noise: torch.Tensor
     num_steps: int
-    fake: object
-    gen: object
-    fake_noise: torch.Tensor
-    gen_noise: torch.Tensor
+    fake_score_draw: object
+    student_draw: object
+    fake_score_noise: torch.Tensor
+    student_noise: torch.Tensor
 
 
 def draw_shard(settings: Settings, batch: int, latent_shape, seed: int, shared: torch.Generator,
-               generator: Optional[torch.Generator] = None) -> ShardDraws:
+               rng: Optional[torch.Generator] = None) -> ShardDraws:
     """One process's random values of one iteration, in the order training consumes them."""
-    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    g = rng if rng is not None else torch.Generator().manual_seed(seed)
     noise = torch.randn((batch, *latent_shape), generator=g)
     counts = sorted(settings.unify_steps) if settings.unify_steps else [settings.num_steps]
     K = counts[int(torch.randint(len(counts), (1,), generator=shared))] if len(counts) > 1 else counts[0]
     grid = StepGrid.uniform(K, settings.total_steps)
-    fake = sample_intervals(grid, batch, "cpu", settings.separate, settings.randmid, g)
-    gen = sample_intervals(grid, batch, "cpu", settings.separate, settings.randmid, g,
-                           k=fake.k if settings.share_step_draw else None)
-    fake_noise = torch.randn(noise.shape, generator=g)
-    gen_noise = torch.randn(noise.shape, generator=g)
-    return ShardDraws(noise, K, fake, gen, fake_noise, gen_noise)
+    fake_score_draw = sample_draw(grid, batch, "cpu", settings.separate, settings.randmid, g)
+    student_draw = sample_draw(grid, batch, "cpu", settings.separate, settings.randmid, g,
+                               k=fake_score_draw.k if settings.share_step_draw else None)
+    fake_score_noise = torch.randn(noise.shape, generator=g)
+    student_noise = torch.randn(noise.shape, generator=g)
+    return ShardDraws(noise, K, fake_score_draw, student_draw, fake_score_noise, student_noise)
 
 
 def concat_draws(shards: List[ShardDraws]) -> ShardDraws:
     assert len({s.num_steps for s in shards}) == 1
     cat = lambda name: torch.cat([getattr(s, name) for s in shards])  # noqa: E731
-    interval = lambda attr: type(shards[0].fake)(  # noqa: E731
+    draw = lambda attr: type(shards[0].fake_score_draw)(  # noqa: E731
         *(torch.cat([getattr(getattr(s, attr), f) for s in shards]) for f in ("k", "t_g", "t_e", "t")),
         num_steps=shards[0].num_steps)
-    return ShardDraws(cat("noise"), shards[0].num_steps, interval("fake"), interval("gen"),
-                      cat("fake_noise"), cat("gen_noise"))
+    return ShardDraws(cat("noise"), shards[0].num_steps, draw("fake_score_draw"),
+                      draw("student_draw"), cat("fake_score_noise"), cat("student_noise"))
 
 
 def student_condition(settings, cond, K):
@@ -145,7 +145,7 @@ def student_condition(settings, cond, K):
     return {**cond, NUM_STEPS: torch.full((batch,), K, dtype=torch.long)}
 
 
-def fake_condition(settings, cond, K, k):
+def fake_score_condition(settings, cond, K, k):
     cond = student_condition(settings, cond, K)
     return {**cond, STEP_INDEX: k} if settings.fake_step_condition else cond
 
@@ -172,11 +172,11 @@ def pick(stack, k):
 
 @dataclass
 class Record:
-    fake_loss: float
-    generator_loss: float
-    fake_grads: Dict[str, torch.Tensor]
+    fake_score_loss: float
+    student_loss: float
+    fake_score_grads: Dict[str, torch.Tensor]
     student_grads: Dict[str, torch.Tensor]
-    fake_step: Dict[str, torch.Tensor]      # weight change made by the optimiser step
+    fake_score_step: Dict[str, torch.Tensor]      # weight change made by the optimiser step
     student_step: Dict[str, torch.Tensor]
 
 
@@ -186,20 +186,20 @@ def adamw(params, lr):
 
 
 def reference_iteration(nets: PlainNetworks, backbone, settings: Settings,
-                        micro_batches: List[tuple], lr: float, generator_lr: float,
+                        micro_batches: List[tuple], lr: float, student_lr: float,
                         max_grad_norm: float, autocast_dtype=None) -> Record:
     """One optimiser step of each network over `micro_batches` [(cond, uncond, draws), ...]:
     gradient accumulation is the plain mean of the micro-batch losses' gradients, the fake
-    score stepping after the last micro-batch's fake backward (before its generator loss)."""
+    score stepping after the last micro-batch's fake backward (before its student loss)."""
     path = backbone.path
-    fake_objective = FakeScoreLoss(path, settings.snr_gamma, settings.importance_weight)
-    gen_objective = GeneratorLoss(settings.loss)
-    fake_opt = adamw(list(nets.fake_params.values()), lr)
-    gen_opt = adamw(list(nets.student_params.values()), generator_lr)
+    fake_score_objective = FakeScoreLoss(path, settings.snr_gamma, settings.importance_weight)
+    student_objective = StudentLoss(settings.loss)
+    fake_score_opt = adamw(list(nets.fake_score_params.values()), lr)
+    student_opt = adamw(list(nets.student_params.values()), student_lr)
     snapshot = lambda ps: {k: p.detach().clone() for k, p in ps.items()}  # noqa: E731
-    fake_before, student_before = snapshot(nets.fake_params), snapshot(nets.student_params)
+    fake_score_before, student_before = snapshot(nets.fake_score_params), snapshot(nets.student_params)
     n = len(micro_batches)
-    fake_losses, gen_losses, fake_grads, student_grads = [], [], None, None
+    fake_score_losses, student_losses, fake_score_grads, student_grads = [], [], None, None
     autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype
                 else torch.autocast("cpu", enabled=False))
     for i, (cond, uncond, d) in enumerate(micro_batches):
@@ -209,36 +209,36 @@ def reference_iteration(nets: PlainNetworks, backbone, settings: Settings,
             states, x0s, epss = full_rollout(nets.student, d.noise, student_condition(settings, cond, d.num_steps),
                                              grid, path)
             # fake score ψ (§ fake-score loss)
-            x0, eps = pick(x0s, d.fake.k), pick(epss, d.fake.k)
-            x_t, m = diffuse(path, x0, eps, d.fake.t_e, d.fake.t, d.fake_noise)
-            x0_fake, _ = nets.fake(x_t, d.fake.t, fake_condition(settings, cond, d.num_steps, d.fake.k))
-            fake_loss = fake_objective(x0_fake, x0, d.fake.t, m, d.fake_noise)
-        (fake_loss / n).backward()
-        fake_losses.append(fake_loss.item())
+            x0, eps = pick(x0s, d.fake_score_draw.k), pick(epss, d.fake_score_draw.k)
+            x_t, m = diffuse(path, x0, eps, d.fake_score_draw.t_e, d.fake_score_draw.t, d.fake_score_noise)
+            x0_fake, _ = nets.fake_score(x_t, d.fake_score_draw.t, fake_score_condition(settings, cond, d.num_steps, d.fake_score_draw.k))
+            fake_score_loss = fake_score_objective(x0_fake, x0, d.fake_score_draw.t, m, d.fake_score_noise)
+        (fake_score_loss / n).backward()
+        fake_score_losses.append(fake_score_loss.item())
         if last:
-            fake_grads = {k: p.grad.clone() for k, p in nets.fake_params.items() if p.grad is not None}
-            fake_opt.step()
-            fake_opt.zero_grad(set_to_none=True)
+            fake_score_grads = {k: p.grad.clone() for k, p in nets.fake_score_params.items() if p.grad is not None}
+            fake_score_opt.step()
+            fake_score_opt.zero_grad(set_to_none=True)
         with autocast:
             # student θ (§ generator loss): one student step, teacher with CFG, the updated ψ
-            state = pick(states, d.gen.k)
-            x0, eps = nets.student(state, d.gen.t_g, student_condition(settings, cond, d.num_steps))
+            state = pick(states, d.student_draw.k)
+            x0, eps = nets.student(state, d.student_draw.t_g, student_condition(settings, cond, d.num_steps))
             with torch.no_grad():
-                x_t, _ = diffuse(path, x0.detach(), eps.detach(), d.gen.t_e, d.gen.t, d.gen_noise)
-                x0_cond = nets.teacher(x_t, d.gen.t, cond)[0]
+                x_t, _ = diffuse(path, x0.detach(), eps.detach(), d.student_draw.t_e, d.student_draw.t, d.student_noise)
+                x0_cond = nets.teacher(x_t, d.student_draw.t, cond)[0]
                 x0_real = (x0_cond if settings.cfg == 1.0 else
-                           classifier_free_guidance(x0_cond, nets.teacher(x_t, d.gen.t, uncond)[0],
+                           classifier_free_guidance(x0_cond, nets.teacher(x_t, d.student_draw.t, uncond)[0],
                                                     settings.cfg))
-                x0_fake, _ = nets.fake(x_t, d.gen.t, fake_condition(settings, cond, d.num_steps, d.gen.k))
-            gen_loss = gen_objective(x0, x0_real, x0_fake)
-        (gen_loss / n).backward()
-        gen_losses.append(gen_loss.item())
+                x0_fake, _ = nets.fake_score(x_t, d.student_draw.t, fake_score_condition(settings, cond, d.num_steps, d.student_draw.k))
+            student_loss = student_objective(x0, x0_real, x0_fake)
+        (student_loss / n).backward()
+        student_losses.append(student_loss.item())
     params = list(nets.student_params.values())
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     student_grads = {k: p.grad.clone() for k, p in nets.student_params.items() if p.grad is not None}
-    gen_opt.step()
+    student_opt.step()
     change = lambda ps, before: {k: p.detach() - before[k] for k, p in ps.items()}  # noqa: E731
-    return Record(fake_losses[-1], gen_losses[-1], fake_grads, student_grads,
-                  change(nets.fake_params, fake_before), change(nets.student_params, student_before))
+    return Record(fake_score_losses[-1], student_losses[-1], fake_score_grads, student_grads,
+                  change(nets.fake_score_params, fake_score_before), change(nets.student_params, student_before))
 

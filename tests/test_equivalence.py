@@ -120,13 +120,13 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tiny_models,
     proc = run_script(cmd, env={"ACCELERATE_USE_CPU": "true"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
-    for name in ("fake_step", "student_step"):   # the ranks hold the same weights
+    for name in ("fake_score_step", "student_step"):   # the ranks hold the same weights
         assert_tensors_equal(ranks[1]["record"][name], ranks[0]["record"][name], 0.0, name)
     production = Production(args)
-    production.student_state, production.fake_state = ranks[0]["student_state"], ranks[0]["fake_state"]
+    production.student_state, production.fake_score_state = ranks[0]["student_state"], ranks[0]["fake_score_state"]
     expected = reference(production, [[PROMPTS[0:2]], [PROMPTS[2:4]]])
     actual = Record(**ranks[0]["record"])
     # each rank's loss is the mean over its half: the whole batch's is the mean of the two
-    for name in ("fake_loss", "generator_loss"):
+    for name in ("fake_score_loss", "student_loss"):
         setattr(actual, name, sum(r["record"][name] for r in ranks) / 2)
     assert_records_equal(actual, expected)
