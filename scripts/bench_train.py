@@ -9,7 +9,7 @@ by hooks on the networks), seconds per iteration and peak memory, for lora and f
 
 Each configuration runs in a fresh process (peak memory is per process) through the same
 `train_tdm.build` and `train_tdm.tdm_iteration` as training. One JSON line per configuration on
-stdout; with --markdown FILE, a table for the README.
+stdout; with --markdown FILE, a table for docs/benchmarks.md.
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's default job: TDM on a 2-D Gaussian mixture (issue 3), on CPU in a few minutes.
+# The README's default job: TDM on a 2-D Gaussian mixture, on CPU in a few minutes.
 #   bash scripts/demo.sh [--ablations] [train_tdm.py flags ...]
 # Pre-trains the teacher (cached in outputs/toy2d/teacher), distils a 4-step student through
 # train_tdm.py, evaluates both by sliced Wasserstein distance, and prints where the results are.

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Print the markdown flag reference of train_tdm.py (pasted into the README)."""
+"""Print the markdown flag reference of train_tdm.py; `--update docs/flags.md` writes it there.
+
+    python scripts/flag_table.py --update docs/flags.md   # replace the part between the flags markers
+"""
 import argparse
 import os
 import sys

@@ -4,17 +4,17 @@ train_tdm.py, and evaluation by sliced Wasserstein distance to fresh ground-trut
 
     python scripts/toy2d.py --config configs/toy2d.yaml [--ablations] [--unify] [train_tdm.py flags ...]
 
-Writes to the output_dir: toy_eval.json, toy_eval.md (the README table), toy_samples.npz (one
+Writes to the output_dir: toy_eval.json, toy_eval.md (the table in docs/benchmarks.md), toy_samples.npz (one
 array per sampler plus the ground truth) and toy2d.png (one scatter panel per sampler).
 
---unify (TDM-unify, issue 7): after the default job (whose K-step student is reused as the
+--unify (TDM-unify): after the default job (whose K-step student is reused as the
 single-K student when its flags are those of the comparison), train in OUTPUT_DIR/unify/
   unify         the job's flags plus --unify_steps 1,2,4 (one student for 1, 2 and 4 steps),
   k1, k2, k4    single-K students (--num_steps K; k4 only if the default job's student differs),
   k4_fake_step  the 4-step student with --fake_step_condition (the fake score sees k; mode 2),
 all on the grids uniform(K, total_steps) (τ_k = k·T/K − 1), and evaluate each at K = 1, 2, 4
 on the default job's noise, labels, reference and projections. Writes toy2d_unify.md (the table
-and the issue's two targets with pass/miss), toy2d_unify.json, toy2d_unify_samples.npz and
+and the two unify targets with pass/miss), toy2d_unify.json, toy2d_unify_samples.npz and
 toy2d_unify.png (rows = students, columns = K). Four distillations more than the default job.
 """
 from __future__ import annotations
@@ -283,7 +283,7 @@ def run_ablations(args, backbone, reference, job) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# TDM-unify (--unify, issue 7)
+# TDM-unify (--unify)
 # ---------------------------------------------------------------------------------------------
 UNIFY_COUNTS = (1, 2, 4)
 UNIFY_TOLERANCE = 1.10     # target 1: swd_unify(K) <= 1.10 · swd_single(K) at every K
@@ -332,7 +332,7 @@ def unify_students(args) -> list:
 
 
 def unify_targets(swd: dict) -> dict:
-    """The issue's two targets from {student key: {"K": SWD}}, with the numbers."""
+    """The two unify targets from {student key: {"K": SWD}}, with the numbers."""
     within = {}
     for K in UNIFY_COUNTS:
         unify, single = swd["unify"][str(K)], swd[f"k{K}"][str(K)]

@@ -1,4 +1,4 @@
-"""Sample-based distances between distributions (toy benchmark, issue 3)."""
+"""Sample-based distances between distributions (the toy benchmark)."""
 from __future__ import annotations
 
 import torch

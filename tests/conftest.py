@@ -1,3 +1,4 @@
+"""Shared test setup: offline hub, the repository on sys.path, tiny-pipeline fixtures and helpers."""
 import os
 import subprocess
 import sys

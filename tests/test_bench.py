@@ -1,4 +1,4 @@
-"""The benchmark scripts run and count what they claim (their numbers go to the README)."""
+"""The benchmark scripts run and count what they claim (their numbers go to docs/benchmarks.md)."""
 import json
 import os
 import sys

@@ -97,14 +97,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert not out.exists()
 
 
-def test_readme_documents_every_flag():
+def test_flag_reference_documents_every_flag():
     from tdm.config import build_parser
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8").read()
+    table = text.split("<!-- flags:start -->")[1].split("<!-- flags:end -->")[0]
     missing = [a.option_strings[0] for a in build_parser()._actions
                if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS
-               and f"`{a.option_strings[0]}`" not in readme]
-    assert not missing, f"README flag table lacks {missing}; run scripts/flag_table.py"
+               and f"`{a.option_strings[0]}`" not in table]
+    assert not missing, (f"docs/flags.md flag table lacks {missing}; "
+                         "run python scripts/flag_table.py --update docs/flags.md")
+
+
+def test_readme_layout_is_current():
+    """The README's Layout lists every file with its description, as scripts/readme_layout.py
+    builds it from the tree now: a new, removed or re-described file fails until it is rerun."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_layout", os.path.join(ROOT, "scripts", "readme_layout.py"))
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split(layout.START)[1].split(layout.END)[0].strip("\n")
+    assert block == layout.layout(), "README.md layout is stale; run python scripts/readme_layout.py --update README.md"
 
 
 @pytest.mark.parametrize("strategy, mode, refused", [

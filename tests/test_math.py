@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from tdm.losses import (FakeScoreLoss, GeneratorLoss, classifier_free_guidance, dmd_normalizer,
+from tdm.losses import (FakeScoreLoss, StudentLoss, classifier_free_guidance, dmd_normalizer,
                         importance_weight, min_snr_weight)
 from tdm.path import GaussianPath
-from tdm.trajectory import StepGrid, diffuse, rollout, sample_intervals, transition_std
+from tdm.trajectory import StepGrid, diffuse, rollout, sample_draw, transition_std
 
 # PixArt's DDPM table, computed independently with numpy: linear betas 1e-4 → 0.02, 1000 steps.
 ALPHAS_CUMPROD = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
@@ -71,7 +71,7 @@ def test_intervals_lie_in_their_documented_ranges(separate, randmid, timesteps):
     grid = StepGrid(timesteps)
     taus = [-1] + timesteps[::-1]
     torch.manual_seed(0)
-    draw = sample_intervals(grid, 20000, "cpu", separate=separate, randmid=randmid)
+    draw = sample_draw(grid, 20000, "cpu", separate=separate, randmid=randmid)
     assert set(draw.k.tolist()) == set(range(1, grid.num_steps + 1))
     for k in range(1, grid.num_steps + 1):
         sel = draw.k == k
@@ -155,27 +155,27 @@ def test_cfg_and_dmd_normalizer_by_hand():
     assert w.dtype == torch.float64 and w.tolist() == [1.5]
 
 
-def test_generator_losses_by_hand():
+def test_student_losses_by_hand():
     x0 = torch.tensor([[1.0, 2.0]], requires_grad=True)
     real, fake = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])
     # target = x0 + real − fake = [0, 1]; diff = [1, 1]; w = mean |x0 − real| = 1.5
-    mse = GeneratorLoss("mse")(x0, real, fake)
+    mse = StudentLoss("mse")(x0, real, fake)
     assert mse.item() == pytest.approx(1 / 1.5)
     mse.backward()
     assert x0.grad.tolist()[0] == pytest.approx([2 * 1 / 1.5 / 2] * 2)  # d/dx mean(diff²/w)
     c = 1e-3
-    huber = GeneratorLoss("huber")(x0, real, fake)
+    huber = StudentLoss("huber")(x0, real, fake)
     assert huber.item() == pytest.approx((math.sqrt(1 + c * c) - c) / 1.5, rel=1e-6)
     c = 0.00054 * math.sqrt(2)
-    huber_norm = GeneratorLoss("huber_norm")(x0, real, fake)
+    huber_norm = StudentLoss("huber_norm")(x0, real, fake)
     assert huber_norm.item() == pytest.approx((math.sqrt(2 + c * c) - c) / 1.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", GeneratorLoss.kinds)
+@pytest.mark.parametrize("kind", StudentLoss.kinds)
 def test_generator_gradient_vanishes_when_fake_equals_real(kind):
     x0 = torch.randn(3, 4, 2, 2, requires_grad=True)
     real = torch.randn(3, 4, 2, 2)
-    GeneratorLoss(kind)(x0, real, real.clone()).backward()
+    StudentLoss(kind)(x0, real, real.clone()).backward()
     assert torch.count_nonzero(x0.grad) == 0
 
 

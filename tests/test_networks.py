@@ -1,8 +1,7 @@
 """The cheaper iteration computes the same thing: shared-base LoRA, lazy rollout, shared step draw."""
 import torch
 
-from tdm.conditions import expand_condition
-from tdm.method import TDM, NoiseGenerator, TDMConfig
+from tdm.method import TDM, TDMConfig, TrainingRNG
 from tdm.networks import lora_networks
 from tdm.trajectory import StepGrid
 
@@ -19,7 +18,7 @@ def perturb(params, seed):
 def make_lora(backbone):
     nets = lora_networks(backbone, torch.float32, "cpu", rank=4, alpha=4.0, gradient_checkpointing=False)
     perturb(nets.student_params, 0)
-    perturb(nets.fake_params, 1)
+    perturb(nets.fake_score_params, 1)
     return nets
 
 
@@ -31,7 +30,7 @@ def test_shared_base_roles_match_separate_networks(backbone):
     cond = backbone.encode_prompts(PROMPTS[:2])
     teacher_x0 = nets.teacher(x, t, cond)[0]
     torch.testing.assert_close(teacher_x0, plain(x, t, cond)[0])        # adapters off = teacher
-    student_x0, fake_x0 = nets.student(x, t, cond)[0], nets.fake(x, t, cond)[0]
+    student_x0, fake_x0 = nets.student(x, t, cond)[0], nets.fake_score(x, t, cond)[0]
     assert (student_x0 - teacher_x0).abs().max() > 1e-4
     assert (fake_x0 - student_x0).abs().max() > 1e-4
     torch.testing.assert_close(nets.teacher(x, t, cond)[0], teacher_x0)  # switching is stateless
@@ -40,32 +39,26 @@ def test_shared_base_roles_match_separate_networks(backbone):
 def test_each_update_trains_only_its_adapter(backbone):
     nets = make_lora(backbone)
     cond = backbone.encode_prompts(PROMPTS[:2])
-    uncond = expand_condition(backbone.encode_prompts([""]), 2)
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(cfg=4.5))
-    fake_draw, gen_draw = tdm.draw(2, "cpu")
-    traj = tdm.rollout(nets.student_eval, torch.randn(2, 4, 16, 16), cond)
-    tdm.fake_score_loss(traj, cond, nets.fake, fake_draw).backward()
+    iteration = tdm.start(nets.student_eval, cond, backbone.encode_prompts([""]), (4, 16, 16), "cpu")
+    iteration.fake_score_loss(nets.fake_score).backward()
     assert all(p.grad is None for p in nets.student_params)
-    assert sum(p.grad.abs().sum() for p in nets.fake_params) > 0
-    for p in nets.fake_params:
+    assert sum(p.grad.abs().sum() for p in nets.fake_score_params) > 0
+    for p in nets.fake_score_params:
         p.grad = None
-    # the teacher and fake calls after the student's forward must not cut its gradient
-    tdm.generator_loss(traj, cond, uncond, nets.student, nets.teacher, nets.fake_eval,
-                       gen_draw).backward()
-    assert all(p.grad is None for p in nets.fake_params)
+    # the teacher and fake-score calls after the student's forward must not cut its gradient
+    iteration.student_loss(nets.student, nets.teacher, nets.fake_score_eval).backward()
+    assert all(p.grad is None for p in nets.fake_score_params)
     assert sum(p.grad.abs().sum() for p in nets.student_params if p.grad is not None) > 0
 
 
 def losses(backbone, nets, config, seed=0):
     cond = backbone.encode_prompts(PROMPTS)
-    uncond = expand_condition(backbone.encode_prompts([""]), 4)
-    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), config, NoiseGenerator("cpu", seed))
-    noise = tdm.randn((4, 4, 16, 16), "cpu")
-    fake_draw, gen_draw = tdm.draw(4, "cpu")
-    traj = tdm.rollout(nets.student_eval, noise, cond, tdm.rollout_depth(fake_draw, gen_draw))
-    fake = tdm.fake_score_loss(traj, cond, nets.fake, fake_draw)
-    gen = tdm.generator_loss(traj, cond, uncond, nets.student, nets.teacher, nets.fake_eval, gen_draw)
-    return fake.item(), gen.item(), traj, fake_draw, gen_draw
+    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), config, TrainingRNG("cpu", seed))
+    iteration = tdm.start(nets.student_eval, cond, backbone.encode_prompts([""]), (4, 16, 16), "cpu")
+    fake_score = iteration.fake_score_loss(nets.fake_score)
+    student = iteration.student_loss(nets.student, nets.teacher, nets.fake_score_eval)
+    return fake_score.item(), student.item(), iteration
 
 
 def test_lazy_rollout_gives_the_same_losses(backbone):
@@ -75,23 +68,23 @@ def test_lazy_rollout_gives_the_same_losses(backbone):
         full = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=False), seed)
         torch.testing.assert_close(lazy[0], full[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lazy[1], full[1], rtol=1e-5, atol=1e-6)
-        traj, fake_draw, gen_draw = lazy[2:]
-        depth = torch.maximum(5 - fake_draw.k, 4 - gen_draw.k)
+        iteration = lazy[2]
+        depth = torch.maximum(5 - iteration.fake_score_draw.k, 4 - iteration.student_draw.k)
         for b in range(4):   # untouched rows really were skipped (zeros past each depth)
-            assert torch.count_nonzero(traj.x0[: 4 - depth[b], b]) == 0
+            assert torch.count_nonzero(iteration.trajectory.x0[: 4 - depth[b], b]) == 0
+        assert torch.count_nonzero(full[2].trajectory.x0) == full[2].trajectory.x0.numel()
 
 
 def test_shared_step_draw_reuses_k(backbone):
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(share_step_draw=True),
-              NoiseGenerator("cpu", 0))
-    fake_draw, gen_draw = tdm.draw(64, "cpu")
-    assert torch.equal(fake_draw.k, gen_draw.k) and not torch.equal(fake_draw.t, gen_draw.t)
-    depth = tdm.rollout_depth(fake_draw, gen_draw)
-    assert torch.equal(depth, 5 - fake_draw.k)
+              TrainingRNG("cpu", 0))
+    fake_score_draw, student_draw = tdm.draw(4, 64, "cpu")
+    assert torch.equal(fake_score_draw.k, student_draw.k)
+    assert not torch.equal(fake_score_draw.t, student_draw.t)
 
 
 def test_recompute_runs_under_the_role_of_its_forward(backbone):
-    """The generator update's order: student forward, teacher and fake score calls, backward.
+    """The student update's order: student forward, teacher and fake-score calls, backward.
     With checkpointing, every block recomputed in backward sees the student's role and adapter,
     and outside calls no role is set."""
     from tdm.roles import role_scope
@@ -99,7 +92,7 @@ def test_recompute_runs_under_the_role_of_its_forward(backbone):
 
     nets = lora_networks(backbone, torch.float32, "cpu", rank=4, alpha=4.0, gradient_checkpointing=True)
     perturb(nets.student_params, 0)
-    perturb(nets.fake_params, 1)
+    perturb(nets.fake_score_params, 1)
     base, scope = nets.student.module, role_scope(nets.student.module)
     seen = []
     block = base.transformer_blocks[0]
@@ -112,12 +105,12 @@ def test_recompute_runs_under_the_role_of_its_forward(backbone):
     assert scope.current is None
     with torch.no_grad():
         nets.teacher(x, t, cond)
-        nets.fake(x, t, cond)
+        nets.fake_score(x, t, cond)
     seen.clear()
     x0.square().mean().backward()
     assert seen == [(True, STUDENT, STUDENT, False)]   # one recompute, as the student
     assert scope.current is None
-    assert all(p.grad is None for p in nets.fake_params)
+    assert all(p.grad is None for p in nets.fake_score_params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student_params)
     seen.clear()
     nets.teacher(x, t, cond)

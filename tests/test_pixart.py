@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from tdm.conditions import expand_condition
 from tdm.lora import attach_lora, save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -62,19 +61,17 @@ def _student_teacher(backbone):
 
 
 @pytest.mark.parametrize("loss", ["mse", "huber", "huber_norm"])
-def test_generator_gradient_is_zero_when_fake_is_teacher_and_cfg_is_one(backbone, loss):
+def test_student_gradient_is_zero_when_fake_score_is_teacher_and_cfg_is_one(backbone, loss):
     teacher_net, student_net = _student_teacher(backbone)
     cond = backbone.encode_prompts(PROMPTS)
-    uncond = expand_condition(backbone.encode_prompts([""]), 2)
     teacher, student = backbone.denoiser(teacher_net), backbone.denoiser(student_net)
     grads = {}
     for cfg in (1.0, 4.5):
         torch.manual_seed(0)
         tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(cfg=cfg, loss=loss))
-        _, draw = tdm.draw(2, "cpu")
-        traj = tdm.rollout(student, torch.randn(2, 4, 16, 16), cond)
+        iteration = tdm.start(student, cond, backbone.encode_prompts([""]), (4, 16, 16), "cpu")
         student_net.zero_grad()
-        tdm.generator_loss(traj, cond, uncond, student, teacher, teacher, draw).backward()
+        iteration.student_loss(student, teacher, teacher).backward()
         grads[cfg] = torch.cat([p.grad.flatten() for p in student_net.parameters() if p.requires_grad])
     assert torch.count_nonzero(grads[1.0]) == 0
     assert torch.count_nonzero(grads[4.5]) > 0   # the check above can fail
@@ -86,9 +83,9 @@ def test_fake_score_loss_trains_only_the_fake_score(backbone):
     attach_lora(fake_net, 4, 4, backbone.lora_target_modules)
     cond = backbone.encode_prompts(PROMPTS)
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(separate=True))
-    draw, _ = tdm.draw(2, "cpu")
-    traj = tdm.rollout(backbone.denoiser(student_net), torch.randn(2, 4, 16, 16), cond)
-    loss = tdm.fake_score_loss(traj, cond, backbone.denoiser(fake_net), draw)
+    iteration = tdm.start(backbone.denoiser(student_net), cond, backbone.encode_prompts([""]),
+                          (4, 16, 16), "cpu")
+    loss = iteration.fake_score_loss(backbone.denoiser(fake_net))
     loss.backward()
     assert loss.item() > 0
     assert all(p.grad is None for p in student_net.parameters())

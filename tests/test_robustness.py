@@ -16,6 +16,7 @@ from tdm.checkpoint import latest_checkpoint
 
 TRAIN = os.path.join(ROOT, "train_tdm.py")
 INFER = os.path.join(ROOT, "infer_tdm.py")
+FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")   # train_tdm.py with NaN losses at given steps
 
 
 def tiny_run(model, out, steps, *extra):
@@ -162,18 +163,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_pixart, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tiny_pixart, tmp_path):
     out = tmp_path / "skip"
-    proc = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 4, "--checkpointing_steps", "4",
-                                                        "--debug_nonfinite_steps", "2")])
+    proc = run_script([sys.executable, FAULTS, "2", *tiny_run(tiny_pixart, out, 4, "--checkpointing_steps", "4")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = [line for line in log_lines(out) if "loss_fake" in line]
+    logs = [line for line in log_lines(out) if "loss_fake_score" in line]
     assert [line["nonfinite_skipped"] for line in logs] == [0, 2, 2, 2]
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint-4" / "lora.safetensors")).values())
-    assert all(line["loss_fake"] == line["loss_fake"] for line in logs[2:])   # finite (not NaN) again
+    assert all(line["loss_fake_score"] == line["loss_fake_score"] for line in logs[2:])   # finite again
 
     out = tmp_path / "stop"
-    proc = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 10, "--checkpointing_steps", "0",
-                                                        "--debug_nonfinite_steps", "1,2,3",
-                                                        "--max_nonfinite", "3")])
+    proc = run_script([sys.executable, FAULTS, "1,2,3", *tiny_run(tiny_pixart, out, 10, "--checkpointing_steps",
+                                                                  "0", "--max_nonfinite", "3")])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "3 consecutive iterations with non-finite" in lines[-1]
     state = load_file(str(out / "checkpoint-3" / "lora.safetensors"))

@@ -93,45 +93,44 @@ class Recorder:
 
 
 def test_unify_draws_one_grid_per_iteration_and_conditions_both_roles():
-    from tdm.method import TDM, NoiseGenerator, TDMConfig
+    from tdm.method import TDM, TDMConfig, TrainingRNG
     from tdm.path import GaussianPath
     from tdm.trajectory import StepGrid
 
     path = GaussianPath.from_alphas_cumprod(torch.linspace(0.9999, 0.01, 1000))
     tdm = TDM(path, StepGrid.uniform(4, 900),
-              TDMConfig(unify_steps=(1, 2, 4), fake_step_condition=True), NoiseGenerator("cpu", 0))
+              TDMConfig(unify_steps=(1, 2, 4), fake_step_condition=True), TrainingRNG("cpu", 0))
     assert {K: g.timesteps for K, g in tdm.grids.items()} == {
         1: [899], 2: [899, 449], 4: [899, 674, 449, 224]}
     seen = set()
     cond = {"encoder_hidden_states": torch.zeros(3, 2, 4)}
     for _ in range(30):
-        fake_draw, gen_draw = tdm.draw(3, "cpu")
-        K = fake_draw.num_steps
-        seen.add(K)
-        assert gen_draw.num_steps == K and int(fake_draw.k.max()) <= K and int(gen_draw.k.max()) <= K
         student, fake = Recorder(), Recorder()
-        traj = tdm.rollout(student, torch.zeros(3, 2), cond, tdm.rollout_depth(fake_draw, gen_draw), K)
-        assert traj.states.shape[0] == K
-        tdm.fake_score_loss(traj, cond, fake, fake_draw)
-        tdm.generator_loss(traj, cond, {"encoder_hidden_states": torch.zeros(3, 2, 4)}, student,
-                           Recorder(), fake, gen_draw)
+        iteration = tdm.start(student, cond, {"encoder_hidden_states": torch.zeros(1, 2, 4)}, (2,), "cpu")
+        K, fake_draw, gen_draw = iteration.num_steps, iteration.fake_score_draw, iteration.student_draw
+        seen.add(K)
+        assert fake_draw.num_steps == gen_draw.num_steps == K
+        assert int(fake_draw.k.max()) <= K and int(gen_draw.k.max()) <= K
+        assert iteration.trajectory.states.shape[0] == K
+        iteration.fake_score_loss(fake)
+        iteration.student_loss(student, Recorder(), fake)
         assert all(torch.all(c[NUM_STEPS] == K) and STEP_INDEX not in c for c in student.calls)
         assert [c[STEP_INDEX].tolist() for c in fake.calls] == [fake_draw.k.tolist(), gen_draw.k.tolist()]
         assert all(torch.all(c[NUM_STEPS] == K) for c in fake.calls)
     assert seen == {1, 2, 4}
     # without unify nothing is added, and the draws consume no extra randomness
-    plain = TDM(path, StepGrid.uniform(4, 900), TDMConfig(), NoiseGenerator("cpu", 0))
+    plain = TDM(path, StepGrid.uniform(4, 900), TDMConfig(), TrainingRNG("cpu", 0))
     assert plain.student_condition(cond, 4) is cond and plain.step_counts == [4]
 
 
 def test_shared_draw_state_is_checkpointed():
-    from tdm.method import NoiseGenerator
+    from tdm.method import TrainingRNG
 
-    a = NoiseGenerator("cpu", 5, shared_seed=0)
-    torch.rand(3, generator=a.shared)
-    b = NoiseGenerator("cpu", 7, shared_seed=1)
+    a = TrainingRNG("cpu", 5, shared_seed=0)
+    torch.rand(3, generator=a.shared_rng)
+    b = TrainingRNG("cpu", 7, shared_seed=1)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(torch.rand(4, generator=a.shared), torch.rand(4, generator=b.shared))
+    assert torch.equal(torch.rand(4, generator=a.shared_rng), torch.rand(4, generator=b.shared_rng))
 
 
 # -- export → load → sample ---------------------------------------------------------------------
@@ -163,7 +162,7 @@ def test_unify_student_exports_loads_and_samples(tiny_pixart, backbone, train_mo
     weights = resolve_weights(str(out))
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     prompts = ["a red car", "a blue bird"]
-    K = max(trained_rows)   # (PixArtAlphaPipeline cannot sample 1 step with DPM-Solver: README)
+    K = max(trained_rows)   # (PixArtAlphaPipeline cannot sample 1 step with DPM-Solver: docs/families.md)
     pipe, _ = student_pipeline(tiny_pixart, weights, 1.0, torch.float32, "cpu", num_steps=K)
     grid = StepGrid.uniform(K, 900)
     stock = sample_student(pipe, backbone, prompts, grid.timesteps, latents=noise,

@@ -1,4 +1,4 @@
-"""The 2-D Gaussian-mixture benchmark (issue 3): SWD, the toy2d adapter, a shortened job."""
+"""The 2-D Gaussian-mixture benchmark: SWD, the toy2d adapter, a shortened job."""
 import json
 import math
 import os

@@ -75,7 +75,8 @@ def test_resume_continues_exactly(tiny_pixart, tmp_path, mode, extra):
 
     def losses(folder):
         lines = [json.loads(l) for l in (folder / "train_log.jsonl").read_text().splitlines()]
-        return {l["step"]: (l["loss_fake"], l["loss_generator"]) for l in lines if "loss_fake" in l}
+        return {l["step"]: (l["loss_fake_score"], l["loss_student"]) for l in lines
+                if "loss_fake_score" in l}
 
     straight_losses, split_losses = losses(straight), losses(split)
     assert sorted(split_losses) == sorted(straight_losses) == [1, 2, 3, 4]
