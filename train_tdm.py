@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_output_dir,
-                        parse_args, save_resolved_config, step_timesteps)
+                        parse_args, save_resolved_config)
 from tdm.data import load_prompts
 
 logger = logging.getLogger("tdm")
@@ -202,11 +202,7 @@ def build(args):
     from tdm.trajectory import StepGrid
 
     prompts = load_prompts(args.prompts, args.caption_column)
-    if args.validation_prompts is None:
-        args.validation_prompts = load_prompts(os.path.join(os.path.dirname(__file__), "assets",
-                                                            "validation_prompts.txt"))[:4]
-    grid = StepGrid(step_timesteps(args))
-    args.timesteps = grid.timesteps
+    grid = StepGrid(args.timesteps)
     check_output_dir(args.output_dir)
     if args.use_8bit_adam:
         check_8bit_adam()
@@ -243,7 +239,7 @@ def build(args):
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
     try:
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
-                                 args.variant, args.backbone_options)
+                                 args.variant, args.backbone_options, args.resolution)
     except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
         first_line = str(error).strip().splitlines()[0]
         raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
@@ -425,7 +421,6 @@ def main(args) -> int:
             f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
         logger.info("exported the student to %s",
                     networks.export(args.output_dir, backbone, args.export_format, full_state))
-        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
     accelerator.end_training()
     return 0
 

@@ -179,23 +179,66 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return values
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+class RunConfig(argparse.Namespace):
+    """Every flag and every derived value of a run (loss, step grid, K, validation prompts),
+    resolved once by `parse_args` and read-only afterwards: nothing downstream rewrites it."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"the run config is read-only ({name}); derive values in "
+                                 "tdm.config.resolve or use RunConfig.replace")
+        super().__setattr__(name, value)
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with some flags changed (for scripts running variants of one config); only
+        for flags that nothing is derived from, which is checked."""
+        derived = {"loss", "lora_alpha", "unify_steps", "num_steps", "timesteps", "total_steps",
+                   "validation_prompts", "use_huber", "lora_rank"}
+        if derived & set(changes):
+            raise ValueError(f"parse the flags again to change {sorted(derived & set(changes))}")
+        values = {k: v for k, v in vars(self).items() if k != "_frozen"}
+        return _frozen(RunConfig(**{**values, **changes}))
+
+
+def _frozen(config: RunConfig) -> RunConfig:
+    object.__setattr__(config, "_frozen", True)
+    return config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    """Flags (a YAML --config supplies defaults, the command line wins) → checked → resolved
+    into the run config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=RunConfig())
     given = _explicit_flags(parser, argv)
     if args.config:
         yaml_values = load_yaml_defaults(parser, args.config)
         given |= set(yaml_values)
         parser.set_defaults(**yaml_values)
-        args = parser.parse_args(argv)  # command-line flags win over the YAML
-    args._explicit = given
+        args = parser.parse_args(argv, namespace=RunConfig())  # command-line flags win over the YAML
+    check_args(args, given)
+    resolve(args)
+    return _frozen(args)
+
+
+def resolve(args) -> None:
+    """The derived values, each computed here once: loss kind, LoRA alpha, K and the step grid
+    (explicit --timesteps, or k·T/K − 1; TDM-unify: the deepest K), validation prompts."""
     if args.loss is None:
         args.loss = "huber" if args.use_huber else "mse"
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
-    check_args(args)
-    return args
+    if args.unify_steps:
+        args.unify_steps = sorted(args.unify_steps)
+        args.num_steps = max(args.unify_steps)   # the default grid (validation, inference) is the deepest
+    if args.timesteps:
+        args.num_steps = len(args.timesteps)
+    args.timesteps = step_timesteps(args)
+    if args.validation_prompts is None:
+        from .data import load_prompts
+
+        args.validation_prompts = load_prompts(os.path.join(ASSETS, "validation_prompts.txt"))[:4]
 
 
 def step_timesteps(args) -> List[int]:
@@ -206,11 +249,14 @@ def step_timesteps(args) -> List[int]:
     return StepGrid.uniform(args.num_steps, args.total_steps).timesteps
 
 
-def check_args(args) -> None:
+def check_args(args, given=()) -> None:
+    """Refuse bad flag values (UsageError, one line); changes nothing. `given`: the flags set
+    explicitly (command line or YAML)."""
     if args.cfg <= 0:
         raise UsageError(f"--cfg must be > 0 (1 disables guidance), got {args.cfg}")
     if args.num_steps < 1:
         raise UsageError(f"--num_steps must be >= 1, got {args.num_steps}")
+    num_steps = args.num_steps
     if args.unify_steps:
         ks = args.unify_steps
         if args.timesteps:
@@ -218,17 +264,15 @@ def check_args(args) -> None:
                              "drop --timesteps")
         if min(ks) < 1 or len(set(ks)) != len(ks):
             raise UsageError(f"--unify_steps must be distinct step counts >= 1, got {ks}")
-        args.unify_steps = sorted(ks)
-        args.num_steps = max(ks)   # the default grid (validation, inference) is the deepest
+        num_steps = max(ks)
     if args.timesteps:
         ts = args.timesteps
         if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
             raise UsageError(f"--timesteps must be strictly decreasing and >= 0, got {ts}")
-        if len(ts) != args.num_steps and "num_steps" in getattr(args, "_explicit", ()):
+        if len(ts) != args.num_steps and "num_steps" in given:
             raise UsageError(f"--timesteps has {len(ts)} steps but --num_steps is {args.num_steps}")
-        args.num_steps = len(ts)
-    elif args.total_steps < args.num_steps:
-        raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({args.num_steps})")
+    elif args.total_steps < num_steps:
+        raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({num_steps})")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
@@ -270,6 +314,7 @@ def check_8bit_adam() -> None:
 
 
 def save_resolved_config(args, path: str) -> None:
+    """config.yaml of a run: every flag and derived value, written once at the start."""
     values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
     with open(path, "w") as f:
         yaml.safe_dump(values, f, sort_keys=False)

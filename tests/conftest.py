@@ -32,7 +32,7 @@ def loaded_backbone(path, options=None, resolution=None):
 
     from tdm.backbones import load_backbone
 
-    bb = load_backbone(path, options=options)
+    bb = load_backbone(path, options=options, resolution=resolution)
     if resolution:
         bb.check_resolution(resolution)
     bb.load_text_encoders("cpu", torch.float32)
@@ -61,3 +61,32 @@ def accelerate_launch(script_args, extra_launch=(), timeout=600, processes=1):
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16",
            *extra_launch, os.path.join(ROOT, "train_tdm.py"), *script_args]
     return run_script(cmd, timeout=timeout, env=env)
+
+
+def teacher_and_lora_student(backbone):
+    """(teacher network, a rank-4 LoRA student whose B is non-zero, so it differs from it)."""
+    import torch
+
+    from tdm.lora import attach_lora
+
+    teacher = backbone.load_denoiser()
+    student = backbone.load_denoiser()
+    attach_lora(student, 4, 4, backbone.lora_target_modules)
+    with torch.no_grad():   # a student that differs from the teacher
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return teacher, student
+
+
+def tiny_flags(model, out, steps, *extra):
+    """train_tdm.py flags for a few steps on a tiny pipeline at 32 px."""
+    return ["--pretrained_model_name_or_path", model, "--output_dir", str(out), "--resolution", "32",
+            "--max_train_steps", str(steps), "--prompts", os.path.join(ROOT, "assets", "prompts.txt"),
+            "--seed", "0", *extra]
+
+
+def expect_success(proc):
+    """A finished script run, or its output tails as the failure message."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, loaded_backbone, run_script
-from test_pixart import _student_teacher   # teacher + a LoRA student that differs from it
+from conftest import ROOT, accelerate_launch, loaded_backbone, run_script, teacher_and_lora_student
 from tdm.lora import save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -98,8 +97,8 @@ def test_training_losses_stay_finite_on_the_999_grid(cog):
         config = TDMConfig(separate=separate, randmid=True)
         for draw in TDM(cog.path, grid, config).draw(4, 4096, "cpu"):
             assert draw.t_e.max() < 999 and draw.t.max() < 999
-    teacher, student = _student_teacher(cog)
-    _, fake = _student_teacher(cog)
+    teacher, student = teacher_and_lora_student(cog)
+    _, fake = teacher_and_lora_student(cog)
     cond = cog.encode_prompts(PROMPTS)
     tdm = TDM(cog.path, grid, TDMConfig(cfg=6.0, randmid=True, loss="huber"))
     iteration = tdm.start(cog.denoiser(student), cond, cog.encode_prompts([""]),
@@ -159,7 +158,7 @@ def test_upstream_lora_snippet_and_adapter_scale(tiny_cogvideox, cog, tmp_path):
     from diffusers import CogVideoXPipeline
     from diffusers.utils import export_to_video
 
-    save_lora(_student_teacher(cog)[1], str(tmp_path), cog.lora_prefix)
+    save_lora(teacher_and_lora_student(cog)[1], str(tmp_path), cog.lora_prefix)
     lora_path = str(tmp_path / "pytorch_lora_weights.safetensors")
 
     def snippet(pipe):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import teacher_and_lora_student
 from tdm.lora import attach_lora, save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -49,20 +50,9 @@ def test_rollout_equals_step_by_step_hand_computation(backbone):
     torch.testing.assert_close(traj.sample.double(), x0, atol=2e-4, rtol=1e-4)
 
 
-def _student_teacher(backbone):
-    teacher = backbone.load_denoiser()
-    student = backbone.load_denoiser()
-    attach_lora(student, 4, 4, backbone.lora_target_modules)
-    with torch.no_grad():   # a student that differs from the teacher
-        for name, p in student.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return teacher, student
-
-
 @pytest.mark.parametrize("loss", ["mse", "huber", "huber_norm"])
 def test_student_gradient_is_zero_when_fake_score_is_teacher_and_cfg_is_one(backbone, loss):
-    teacher_net, student_net = _student_teacher(backbone)
+    teacher_net, student_net = teacher_and_lora_student(backbone)
     cond = backbone.encode_prompts(PROMPTS)
     teacher, student = backbone.denoiser(teacher_net), backbone.denoiser(student_net)
     grads = {}
@@ -78,7 +68,7 @@ def test_student_gradient_is_zero_when_fake_score_is_teacher_and_cfg_is_one(back
 
 
 def test_fake_score_loss_trains_only_the_fake_score(backbone):
-    teacher_net, student_net = _student_teacher(backbone)
+    teacher_net, student_net = teacher_and_lora_student(backbone)
     fake_net = backbone.load_denoiser()
     attach_lora(fake_net, 4, 4, backbone.lora_target_modules)
     cond = backbone.encode_prompts(PROMPTS)
@@ -122,7 +112,7 @@ def test_upstream_sampler_runs_in_four_steps(tiny_pixart, backbone):
 def test_lora_export_loads_into_the_stock_pipeline(tiny_pixart, backbone, tmp_path):
     from tdm.sampling import resolve_weights
 
-    _, student_net = _student_teacher(backbone)
+    _, student_net = teacher_and_lora_student(backbone)
     save_lora(student_net, str(tmp_path), backbone.lora_prefix)
     weights = resolve_weights(str(tmp_path))
     assert weights == ("lora", str(tmp_path / "pytorch_lora_weights.safetensors"))

@@ -229,10 +229,10 @@ def test_accelerate_training_exports_a_lora_the_snippet_samples(tiny_sd3, sd3, s
     from safetensors.torch import load_file
     from PIL import Image
 
-    from test_train_e2e import check, tiny_flags
+    from conftest import expect_success, tiny_flags
 
     out = tmp_path / "run"
-    check(accelerate_launch(tiny_flags(
+    expect_success(accelerate_launch(tiny_flags(
         tiny_sd3, out, 2, "--train_mode", "lora", "--lora_rank", "4", "--learning_rate", "1e-3",
         "--total_steps", "1000", "--cfg", "7.0", "--use_huber", "--use_separate",
         "--train_batch_size", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
@@ -249,11 +249,11 @@ def test_accelerate_training_exports_a_lora_the_snippet_samples(tiny_sd3, sd3, s
     assert (trained - _snippet_sample(pipe, "latent")).abs().max() > 0   # the LoRA trained
 
     image = tmp_path / "compare.png"
-    check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
+    expect_success(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
                       "--prompt", "a red cat", "--sampler", "upstream", "--flow_shift", "6",
                       "--lora_scale", "0.125", "--teacher_steps", "2", "--output", str(image)]))
     assert Image.open(image).size[1] == 2 * 32
     grid = tmp_path / "grid.png"
-    check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
+    expect_success(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
                       "--prompt", "a red cat", "--output", str(grid)]))
     assert np.asarray(Image.open(grid)).shape == (32, 32, 3)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, expect_success, run_script, tiny_flags
 
 pytestmark = pytest.mark.slow
 
@@ -19,20 +19,9 @@ UPSTREAM_FLAGS = [
 ]
 
 
-def tiny_flags(model, out, steps, *extra):
-    return ["--pretrained_model_name_or_path", model, "--output_dir", str(out), "--resolution", "32",
-            "--max_train_steps", str(steps), "--prompts", os.path.join(ROOT, "assets", "prompts.txt"),
-            "--seed", "0", *extra]
-
-
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 def test_upstream_command_trains_resumes_exports_and_samples(tiny_pixart, tmp_path):
     out = tmp_path / "run"
-    first = check(accelerate_launch(tiny_flags(tiny_pixart, out, 2, *UPSTREAM_FLAGS,
+    first = expect_success(accelerate_launch(tiny_flags(tiny_pixart, out, 2, *UPSTREAM_FLAGS,
                                                "--checkpointing_steps", "2", "--validation_steps", "2")))
     if "xformers" not in sys.modules:
         warnings = [l for l in first.stderr.splitlines() if "xformers is not installed" in l]
@@ -41,7 +30,7 @@ def test_upstream_command_trains_resumes_exports_and_samples(tiny_pixart, tmp_pa
     assert (out / "samples" / "step-000002.png").is_file()
     assert (out / "config.yaml").is_file()
 
-    second = check(accelerate_launch(tiny_flags(tiny_pixart, out, 4, *UPSTREAM_FLAGS,
+    second = expect_success(accelerate_launch(tiny_flags(tiny_pixart, out, 4, *UPSTREAM_FLAGS,
                                                 "--checkpointing_steps", "2", "--validation_steps", "2",
                                                 "--resume_from_checkpoint", "latest")))
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in second.stderr
@@ -50,7 +39,7 @@ def test_upstream_command_trains_resumes_exports_and_samples(tiny_pixart, tmp_pa
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
 
     image = tmp_path / "compare.png"
-    check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
+    expect_success(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights", str(out),
                       "--prompt", "a red cat", "--prompt", "a blue boat", "--teacher_steps", "4",
                       "--output", str(image)]))
     width, height = Image.open(image).size
@@ -67,9 +56,9 @@ def test_resume_continues_exactly(tiny_pixart, tmp_path, mode, extra):
               "--validation_steps", "0", "--lora_rank", "4", "--learning_rate", "1e-3", *extra]
     straight, split = tmp_path / "straight", tmp_path / "split"
     no_amp = ["--mixed_precision", "no"]
-    check(accelerate_launch(tiny_flags(tiny_pixart, straight, 4, *common, *no_amp)))
-    check(accelerate_launch(tiny_flags(tiny_pixart, split, 2, *common, *no_amp)))
-    check(accelerate_launch(tiny_flags(tiny_pixart, split, 4, *common, *no_amp,
+    expect_success(accelerate_launch(tiny_flags(tiny_pixart, straight, 4, *common, *no_amp)))
+    expect_success(accelerate_launch(tiny_flags(tiny_pixart, split, 2, *common, *no_amp)))
+    expect_success(accelerate_launch(tiny_flags(tiny_pixart, split, 4, *common, *no_amp,
                                        "--resume_from_checkpoint", "latest")))
     import json
 
@@ -100,7 +89,7 @@ def test_resume_continues_exactly(tiny_pixart, tmp_path, mode, extra):
                      use_resolution_binning=False, output_type="np").images
         assert image.shape == (1, 32, 32, 3)
         grid = tmp_path / "full.png"
-        check(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights",
+        expect_success(run_script([sys.executable, os.path.join(ROOT, "infer_tdm.py"), "--weights",
                           str(straight), "--prompt", "a red cat", "--teacher_steps", "2",
                           "--output", str(grid)]))
         assert Image.open(grid).size[1] == 2 * 32
@@ -113,8 +102,8 @@ def test_gradient_checkpointing_exports_the_same_lora(tiny_pixart, tmp_path):
               "--validation_steps", "0", "--checkpointing_steps", "0", "--mixed_precision", "no",
               "--use_separate"]
     plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
-    check(accelerate_launch(tiny_flags(tiny_pixart, plain, 2, *common)))
-    check(accelerate_launch(tiny_flags(tiny_pixart, recomputed, 2, *common, "--gradient_checkpointing")))
+    expect_success(accelerate_launch(tiny_flags(tiny_pixart, plain, 2, *common)))
+    expect_success(accelerate_launch(tiny_flags(tiny_pixart, recomputed, 2, *common, "--gradient_checkpointing")))
     a = load_file(str(plain / "pytorch_lora_weights.safetensors"))
     b = load_file(str(recomputed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
@@ -130,7 +119,7 @@ def test_config_file_supplies_defaults_and_the_command_line_wins(tiny_pixart, tm
     config.write_text(f"pretrained_model_name_or_path: {tiny_pixart}\nresolution: 32\n"
                       "max_train_steps: 1\ntrain_batch_size: 4\ncfg: 3.0\nvalidation_steps: 0\n")
     out = tmp_path / "run"
-    check(accelerate_launch(["--config", str(config), "--output_dir", str(out), "--cfg", "2.0"]))
+    expect_success(accelerate_launch(["--config", str(config), "--output_dir", str(out), "--cfg", "2.0"]))
     import yaml
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())

@@ -55,9 +55,12 @@ def backbone_class(name: str, model_path: str, revision: Optional[str] = None):
 
 
 def load_backbone(model_path: str, name: str = "auto", revision: Optional[str] = None,
-                  variant: Optional[str] = None, options: Optional[dict] = None) -> Backbone:
+                  variant: Optional[str] = None, options: Optional[dict] = None,
+                  resolution: Optional[int] = None) -> Backbone:
+    """The adapter of a model folder or hub id; `resolution` is the training --resolution
+    (what SDXL's time ids hold), None for the model's own default."""
     cls = backbone_class(name, model_path, revision)
-    return cls(model_path, revision=revision, variant=variant, options=options)
+    return cls(model_path, revision=revision, variant=variant, options=options, resolution=resolution)
 
 
 __all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "pipeline_class_name"]

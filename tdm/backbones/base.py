@@ -25,8 +25,10 @@ class Backbone:
     max_sequence_length: Optional[int] = None     # text tokens, where the family has a limit
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
         self.model_path = model_path
+        self.resolution = resolution   # --resolution of training (None: the family's default)
         self.revision = revision
         self.variant = variant
         self.options = dict(options or {})   # --backbone_options

@@ -33,8 +33,9 @@ class CogVideoXBackbone(Backbone):
     is_video = True
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
-        super().__init__(model_path, revision, variant, options)
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
+        super().__init__(model_path, revision, variant, options, resolution)
         import diffusers
         from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler,
                                CogVideoXTransformer3DModel)

@@ -31,8 +31,9 @@ class PixArtBackbone(Backbone):
     max_sequence_length = 120
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
-        super().__init__(model_path, revision, variant, options)
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
+        super().__init__(model_path, revision, variant, options, resolution)
         from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
 
         kw = self._load_kwargs()

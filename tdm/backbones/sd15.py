@@ -27,8 +27,9 @@ class StableDiffusionBackbone(Backbone):
     text_components = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel"}
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
-        super().__init__(model_path, revision, variant, options)
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
+        super().__init__(model_path, revision, variant, options, resolution)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         kw = self._load_kwargs()
@@ -37,7 +38,8 @@ class StableDiffusionBackbone(Backbone):
         self.prediction_type = self.scheduler.config.prediction_type
         self.path = GaussianPath.from_scheduler(self.scheduler)
         self.read_configs(UNet2DConditionModel, AutoencoderKL)
-        self.resolution = self.denoiser_config["sample_size"] * self.vae_scale_factor
+        if self.resolution is None:   # the UNet's own size
+            self.resolution = self.denoiser_config["sample_size"] * self.vae_scale_factor
         self.text_pipeline = None
         self.vae = None
 
@@ -99,12 +101,6 @@ class StableDiffusionBackbone(Backbone):
 
     def _text_device(self):
         return self.text_pipeline.text_encoder.device
-
-    def check_resolution(self, resolution: int) -> None:
-        """A multiple of the VAE factor (UNets have no patch size); remembers the training size,
-        which SDXL's time ids hold."""
-        super().check_resolution(resolution)
-        self.resolution = resolution
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

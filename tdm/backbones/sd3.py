@@ -60,8 +60,9 @@ class SD3Backbone(Backbone):
     step_embedding_site = "time_text_embed"     # timestep + pooled-text embedding
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
-        super().__init__(model_path, revision, variant, options)
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
+        super().__init__(model_path, revision, variant, options, resolution)
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(

@@ -44,8 +44,9 @@ class Toy2DBackbone(Backbone):
     lora_target_modules = ["proj_in", "fc1", "fc2", "proj_out", "linear_1", "linear_2"]
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
-                 variant: Optional[str] = None, options: Optional[dict] = None):
-        super().__init__(model_path, revision, variant, options)
+                 variant: Optional[str] = None, options: Optional[dict] = None,
+                 resolution: Optional[int] = None):
+        super().__init__(model_path, revision, variant, options, resolution)
         self.mixture = GaussianMixture.from_options(self.options.get("mixture", {}))
         self.path = GaussianPath.from_scheduler(ddpm_scheduler())
         self.device = torch.device("cpu")
