@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -271,9 +270,7 @@ def run_ablations(args, backbone, reference, job) -> dict:
     """Each ablation: the default run's flags with one change, its own output folder."""
     rows = {}
     for folder, label, changes, context in ablations(args):
-        variant = copy.copy(args)
-        variant.output_dir = os.path.join(args.output_dir, "ablations", folder)
-        vars(variant).update(changes)
+        variant = args.replace(output_dir=os.path.join(args.output_dir, "ablations", folder), **changes)
         with context():
             seconds = distil(variant)
         samples = sample_all(backbone, backbone.load_student(variant.output_dir), variant,
@@ -299,20 +296,17 @@ def settings(args) -> dict:
 def unify_students(args) -> list:
     """(key, label, short label, trained-for counts, namespace, or None = the default job's
     student, or the key of a row above = that row's student evaluated without its step
-    embedding) per row of the unify table. Built from the job's flags before its distillation
-    (train_tdm.main fills in args.timesteps), so that flag errors stop the run at once."""
-    from tdm.config import UsageError, check_args
+    embedding) per row of the unify table. Built from the job's flags before its distillation,
+    so that flag errors stop the run at once."""
+    from tdm.config import UsageError
 
-    if args.timesteps:
+    if "timesteps" in args._explicit:
         raise UsageError("--unify compares the grids uniform(K, --total_steps); drop --timesteps")
 
     def variant(folder, **changes):
-        v = copy.deepcopy(args)
-        vars(v).update({"timesteps": None, "unify_steps": None, "fake_step_condition": False,
-                        **changes})
-        v.output_dir = os.path.join(args.output_dir, "unify", folder)
-        check_args(v)
-        return v
+        return args.replace(**{"timesteps": None, "unify_steps": None, "fake_step_condition": False,
+                               "output_dir": os.path.join(args.output_dir, "unify", folder),
+                               **changes})
 
     counts = ",".join(map(str, UNIFY_COUNTS))
     rows = [("unify", f"TDM-unify (--unify_steps {counts})", f"TDM-unify {counts}",

@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_steps", type=int, default=500,
                    help="Optimiser steps (the paper: 500 for PixArt-α; the demo: 10001).")
     g.add_argument("--learning_rate", type=float, default=2e-5,
-                   help="Fake-score lr; the generator's is learning_rate / 5.")
+                   help="Fake-score lr; the student's is learning_rate × --generator_lr_ratio.")
     g.add_argument("--generator_lr_ratio", type=float, default=0.2,
                    help="Generator lr = learning_rate × this (demo: 1/5).")
     g.add_argument("--lr_scheduler", default="constant",
-                   help="diffusers get_scheduler name; applies to the generator only.")
+                   help="diffusers get_scheduler name; applies to the student only.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Generator LR warm-up steps.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
     g.add_argument("--max_grad_norm", type=float, default=1.0,
-                   help="Gradient clipping of the generator (0 disables).")
+                   help="Gradient clipping of the student (0 disables).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for both.")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -190,19 +190,23 @@ class RunConfig(argparse.Namespace):
         super().__setattr__(name, value)
 
     def replace(self, **changes) -> "RunConfig":
-        """A copy with some flags changed (for scripts running variants of one config); only
-        for flags that nothing is derived from, which is checked."""
-        derived = {"loss", "lora_alpha", "unify_steps", "num_steps", "timesteps", "total_steps",
-                   "validation_prompts", "use_huber", "lora_rank"}
-        if derived & set(changes):
-            raise ValueError(f"parse the flags again to change {sorted(derived & set(changes))}")
-        values = {k: v for k, v in vars(self).items() if k != "_frozen"}
-        return _frozen(RunConfig(**{**values, **changes}))
+        """A variant of this run: the same flags with `changes` applied (flag names → values),
+        checked and resolved anew, so derived values (grid, K …) follow the changed flags."""
+        unknown = set(changes) - set(self._flags)
+        if unknown:
+            raise ValueError(f"not flags: {sorted(unknown)}")
+        return _resolved(RunConfig(**{**self._flags, **changes}), self._explicit | set(changes))
 
 
-def _frozen(config: RunConfig) -> RunConfig:
-    object.__setattr__(config, "_frozen", True)
-    return config
+def _resolved(args: RunConfig, given: set) -> RunConfig:
+    """Check the flags, derive every value once, and freeze; the flags as given are kept for
+    `replace`."""
+    flags = dict(vars(args))
+    check_args(args, given)
+    resolve(args)
+    args._flags, args._explicit = flags, frozenset(given)
+    object.__setattr__(args, "_frozen", True)
+    return args
 
 
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
@@ -217,9 +221,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         given |= set(yaml_values)
         parser.set_defaults(**yaml_values)
         args = parser.parse_args(argv, namespace=RunConfig())  # command-line flags win over the YAML
-    check_args(args, given)
-    resolve(args)
-    return _frozen(args)
+    return _resolved(args, given)
 
 
 def resolve(args) -> None:

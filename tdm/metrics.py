@@ -15,8 +15,8 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or y.shape[0] % x.shape[0]:
         raise ValueError(f"need [n, d] and [k·n, d] samples, got {tuple(x.shape)}, {tuple(y.shape)}")
-    generator = torch.Generator().manual_seed(seed)
-    theta = torch.randn((x.shape[1], num_projections), generator=generator, dtype=torch.float64)
+    rng = torch.Generator().manual_seed(seed)
+    theta = torch.randn((x.shape[1], num_projections), generator=rng, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
     px = (x.double().cpu() @ theta).sort(dim=0).values
     py = (y.double().cpu() @ theta).sort(dim=0).values

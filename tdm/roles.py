@@ -10,7 +10,7 @@ A role is never a setting that outlives a call:
         out = module(...)
 
 Outside a call the scope is empty. Gradient checkpointing recomputes a block's forward during
-backward, possibly long after other roles ran (the generator update calls the student, then the
+backward, possibly long after other roles ran (the student update calls the student, then the
 teacher and the fake score, then runs backward). `RoleScope.checkpoint` is the model's
 checkpoint function: it records the role when the block runs forward and re-enters exactly that
 role for the recompute, so backward always rebuilds the activations the forward saw, whatever

@@ -52,10 +52,10 @@ class GaussianMixture:
         """Number of class labels; 0 for an unconditional mixture."""
         return len(self.labels) if self.labels else 0
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None):
+    def sample(self, n: int, rng: Optional[torch.Generator] = None):
         """(points [n, 2], component index [n])."""
-        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn((n, 2), generator=generator)
+        component = torch.multinomial(self.weights, n, replacement=True, generator=rng)
+        noise = torch.randn((n, 2), generator=rng)
         return self.means[component] + self.std * noise, component
 
 
@@ -108,19 +108,19 @@ def pretrain_teacher(net: ToyDenoiser, mixture: GaussianMixture, path: GaussianP
     A conditional mixture drops the label to the empty condition with prob. `label_dropout`, so
     that the teacher has the unconditional branch CFG needs (docs/method.md §5). Returns the EMA copy.
     """
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     average = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     null = mixture.num_classes
     for _ in range(steps):
-        x0, component = mixture.sample(batch_size, generator)
+        x0, component = mixture.sample(batch_size, rng)
         label = component if mixture.num_classes else torch.full_like(component, null)
-        drop = torch.rand(batch_size, generator=generator) < label_dropout
+        drop = torch.rand(batch_size, generator=rng) < label_dropout
         label = torch.where(drop, torch.full_like(label, null), label)
-        t = torch.randint(0, path.num_timesteps, (batch_size,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, path.num_timesteps, (batch_size,), generator=rng)
+        eps = torch.randn(x0.shape, generator=rng)
         loss = (net(path.ddim_move(x0, eps, t), t, label) - eps).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

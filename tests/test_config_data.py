@@ -34,6 +34,21 @@ def test_explicit_timesteps_override_total_steps():
         parse_args(["--cfg", "0"])
 
 
+def test_the_run_config_is_resolved_once_and_read_only():
+    args = parse_args(["--unify_steps", "4,1,2", "--total_steps", "900"])
+    assert args.unify_steps == [1, 2, 4] and args.num_steps == 4
+    assert args.timesteps == [899, 674, 449, 224] and len(args.validation_prompts) == 4
+    with pytest.raises(AttributeError, match="read-only"):
+        args.num_steps = 2
+    variant = args.replace(unify_steps=None, num_steps=2, use_separate=True)   # derived anew
+    assert variant.timesteps == [899, 449] and variant.use_separate and variant.loss == "mse"
+    assert args.timesteps == [899, 674, 449, 224] and not args.use_separate   # unchanged
+    with pytest.raises(UsageError, match="drop --timesteps"):
+        args.replace(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="not flags"):
+        args.replace(grid=[1])
+
+
 def test_yaml_config_and_command_line_precedence(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("cfg: 3.5\nlearning_rate: 1.0e-4\nuse_separate: true\ntimesteps: [999, 500]\n")
