@@ -45,14 +45,16 @@ def enable_xformers(nets, accelerator):
 
 
 def make_optimizer(params, lr, args):
+    """AdamW (fused on CUDA: one kernel for all parameters), or bitsandbytes' 8-bit AdamW."""
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
+    fused = {} if args.use_8bit_adam or not all(p.is_cuda for p in params) else {"fused": True}
     return optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
 def register_checkpoint_hooks(accelerator, networks):
@@ -78,20 +80,21 @@ def register_checkpoint_hooks(accelerator, networks):
 
 def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
            lr_scheduler=None) -> bool:
-    """backward → optimiser step of one update. A non-finite loss or gradient skips the step on
-    every process, so no optimiser state is poisoned; returns whether it was applied. Averages
-    gradients where DDP does not, clips, steps (accelerate skips it while accumulating). With
-    fp16, accelerate's grad scaler handles overflow itself."""
-    applied = all_finite(accelerator, loss)
-    if applied:
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            networks.reduce_gradients(accelerator, params)
-            grads = [p.grad for p in params if p.grad is not None]
-            if accelerator.scaler is None and not all_finite(accelerator, *grads):
-                applied = False
-            elif max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
+    """backward → optimiser step of one update; returns whether the step was applied. Averages
+    gradients where DDP does not and clips (accelerate skips the step while accumulating). A
+    non-finite loss or gradient skips the step on every process, so no optimiser state is
+    poisoned: one fused check of the loss and the gradient norm, one host sync (with fp16,
+    accelerate's grad scaler skips overflowing steps itself)."""
+    accelerator.backward(loss)
+    applied = True
+    if accelerator.sync_gradients:
+        networks.reduce_gradients(accelerator, params)
+        if max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        elif accelerator.scaler is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if accelerator.scaler is None:
+            applied = all_finite(accelerator, torch.stack([loss.detach().float(), norm.float()]))
     if applied:
         optimizer.step()
         if lr_scheduler is not None:
@@ -144,15 +147,18 @@ class StopSignal:
 
     def requested(self, accelerator) -> bool:
         """Agreed over processes: one rank signalled is enough for all to stop at this step."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, "max")
         return bool(flag.item())
 
 
-def all_finite(accelerator, *tensors) -> bool:
-    """Whether every value is finite on every process (so that all ranks skip together)."""
-    flag = torch.tensor([float(all(torch.isfinite(t).all() for t in tensors))], device=accelerator.device)
+def all_finite(accelerator, values: torch.Tensor) -> bool:
+    """Whether every value is finite on every process (so that all ranks skip together): one
+    reduction, one host sync."""
+    flag = torch.isfinite(values).all().float().reshape(1)
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, "min")
     return bool(flag.item())
@@ -374,8 +380,8 @@ def main(args) -> int:
             global_step += 1
             nonfinite_total += skipped
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-            logs = {"step": global_step, "loss_fake_score": fake_score_loss.detach().item(),
-                    "loss_student": student_loss.detach().item(),
+            losses = torch.stack([fake_score_loss.detach(), student_loss.detach()]).tolist()  # one sync
+            logs = {"step": global_step, "loss_fake_score": losses[0], "loss_student": losses[1],
                     "lr": run.lr_scheduler.get_last_lr()[0], "nonfinite_skipped": nonfinite_total}
             if args.log_prompts:
                 from accelerate.utils import gather_object

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Benchmark one TDM training iteration: forward rows and backward passes per network (counted
-by hooks on the networks), seconds per iteration and peak memory, for lora and full modes.
+by hooks on the networks), seconds per iteration, FLOPs (torch.utils.flop_counter), achieved
+TFLOP/s and MFU against the device's dense bf16 peak, the GPU-busy fraction (CUDA), host syncs
+per iteration by call site, and peak memory, for lora and full modes.
 
     python scripts/bench_train.py                       # tiny PixArt-shaped model, CPU
     python scripts/bench_train.py --size medium         # ~60 M-parameter PixArt-shaped transformer
@@ -41,7 +43,9 @@ def parse(argv=None):
     p.add_argument("--mixed_precision", default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--extra", default="", help="More train_tdm.py flags, e.g. '--full_rollout'.")
-    p.add_argument("--markdown", default=None, help="Append a README table to this file.")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="Dense bf16 peak of the device for MFU (default: from a table of known GPUs).")
+    p.add_argument("--markdown", default=None, help="Append a markdown table to this file.")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.full_size:
@@ -78,11 +82,17 @@ class Counters:
 
         return role_scope(module).current[0] or TEACHER
 
+    enabled = True   # off after the timed iterations (the FLOP/sync passes are not counted)
+
     def _forward(self, module, args, kwargs):
+        if not self.enabled:
+            return
         x = args[0] if args else kwargs["hidden_states"]
         self.rows[self.role(module)] += x.shape[0]
 
     def _backward(self, role):
+        if not self.enabled:
+            return
         self.backwards[role] += 1
 
     def reset(self):
@@ -101,6 +111,92 @@ def peak_memory_mb(device) -> float:
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, from the spec sheets
+# Host-side by construction (tdm/method.py draws K from a CPU rng; the rollout picks rows from
+# depths drawn on the host; the embedding cache reads files into host memory; torch.optim keeps
+# non-fused step counters on the CPU): no wait for the device on a GPU, though on a CPU run every
+# tensor is a host tensor.
+HOST_SITES = {("method.py", "draw_num_steps"), ("trajectory.py", "rollout"),
+              ("embedding_cache.py", "<genexpr>"), ("embedding_cache.py", "encode")}
+
+
+def count_syncs(run_iteration, device) -> dict:
+    """Device-to-host syncs of one iteration: every aten op that reads a value back to Python
+    (`item`, `tolist`, `bool(tensor)`) or sizes its output from data (`nonzero`), by call site."""
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sync_ops = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal"}
+    calls = Counter()
+
+    def record(op, tensor):
+        stack = traceback.extract_stack()[:-2]
+        frames = [f for f in stack if f.filename.startswith(ROOT) and "site-packages" not in f.filename
+                  and "bench_train" not in f.filename]
+        in_optim = any(os.sep + os.path.join("torch", "optim") in f.filename for f in stack)
+        site = (os.path.basename(frames[-1].filename), frames[-1].name) if frames else ("bench", "log")
+        host = (in_optim or site in HOST_SITES
+                or (tensor is not None and tensor.device.type == "cpu" and device.type != "cpu"))
+        calls[("host" if host else "device", op, *site)] += 1
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in sync_ops:
+                record(func.__name__.split(".")[0], next((a for a in args if isinstance(a, torch.Tensor)), None))
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist   # reads values without an aten op: counted here
+
+    def counted_tolist(tensor):
+        record("tolist", tensor)
+        return tolist(tensor)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with Syncs():
+            run_iteration()
+    finally:
+        torch.Tensor.tolist = tolist
+    device_calls = {f"{op} {file}:{fn}": n for (kind, op, file, fn), n in calls.items() if kind == "device"}
+    host_calls = {f"{op} {file}:{fn}": n for (kind, op, file, fn), n in calls.items() if kind == "host"}
+    return {"device_syncs": sum(device_calls.values()), "device_sync_sites": device_calls,
+            "host_reads": sum(host_calls.values()), "host_read_sites": host_calls}
+
+
+def count_flops(run_iteration) -> float:
+    """FLOPs executed by one iteration (torch.utils.flop_counter; recomputed blocks count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_iteration()
+    return float(counter.get_total_flops())
+
+
+def gpu_busy_fraction(run_iteration, iterations: int = 2) -> float:
+    """Kernel time / wall time over a short profiler window (CUDA only)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            run_iteration()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return kernel_us / wall_us
+
+
+def peak_tflops(args, device_name: str):
+    if args.peak_tflops:
+        return args.peak_tflops
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def worker(args) -> dict:
@@ -126,28 +222,44 @@ def worker(args) -> dict:
     run = train_tdm.build(targs)
     counters = Counters(run.networks)
     prompts = iter(run.dataloader)
+
+    def next_batch():
+        nonlocal prompts
+        try:
+            return next(prompts)
+        except StopIteration:
+            prompts = iter(run.dataloader)
+            return next(prompts)
+
+    def iteration():
+        losses = train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(next_batch()),
+                                         run.uncond, run.latent_shape, run.fake_score_optimizer,
+                                         run.student_optimizer, run.lr_scheduler, targs.max_grad_norm)
+        return torch.stack([losses[0].detach(), losses[1].detach()]).tolist()   # as training logs
+
     times = []
     for i in range(args.warmup + args.iterations):
         if i == args.warmup:
             counters.reset()
-        try:
-            batch = next(prompts)
-        except StopIteration:
-            prompts = iter(run.dataloader)
-            batch = next(prompts)
         if run.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(batch), run.uncond,
-                                run.latent_shape, run.fake_score_optimizer, run.student_optimizer,
-                                run.lr_scheduler, targs.max_grad_norm)
+        iteration()
         if run.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    counters.enabled = False
+    device = run.accelerator.device
+    syncs = count_syncs(iteration, device)
+    flops = count_flops(iteration)
+    busy = gpu_busy_fraction(iteration) if device.type == "cuda" else None
     per_sample = {role: counters.rows[role] / (args.iterations * args.batch)
                   for role in ("teacher", "student", "fake_score")}
-    device = run.accelerator.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    seconds = statistics.median(times)
+    achieved = flops / seconds / 1e12
+    peak = peak_tflops(args, device_name)
     params = {m.__class__.__name__: sum(p.numel() for p in m.parameters()) for m in run.networks.modules()}
     return {
         "size": args.size, "train_mode": args.train_mode, "batch": args.batch,
@@ -158,26 +270,36 @@ def worker(args) -> dict:
         "forward_rows_per_sample_total": round(sum(per_sample.values()), 3),
         "backward_passes_per_iteration": {k: counters.backwards[k] / args.iterations
                                           for k in ("student", "fake_score")},
-        "seconds_per_iteration": round(statistics.median(times), 4),
+        "seconds_per_iteration": round(seconds, 4),
+        "tflop_per_iteration": round(flops / 1e12, 4),
+        "achieved_tflops": round(achieved, 3),
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "gpu_busy": round(busy, 3) if busy is not None else None,
+        **syncs,
         "peak_memory_MiB": round(peak_memory_mb(device), 1),
         "baseline_rss_MiB": round(baseline, 1) if device.type != "cuda" else 0.0,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name,
     }
 
 
 def markdown(rows, command: str) -> str:
     lines = [f"Measured {date.today().isoformat()} on {rows[0]['device']} "
              f"({os.cpu_count()} CPU cores visible), `{command}`:", "",
-             "| size | mode | batch | fwd rows/sample (teacher + student + fake) | backward/iter | s/iter | peak memory | above baseline |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| size | mode | batch | fwd rows/sample (teacher + student + fake) | backward/iter | s/iter "
+             "| TFLOP/iter | TFLOP/s | MFU | GPU busy | host syncs/iter | peak memory | above baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["forward_rows_per_sample"]
         b = r["backward_passes_per_iteration"]
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "–"
+        busy = f"{100 * r['gpu_busy']:.0f} %" if r["gpu_busy"] is not None else "–"
         lines.append(f"| {r['size']} ({r['denoiser_params_M']} M) | {r['train_mode']}{' ' + r['extra'] if r['extra'] else ''} "
                      f"| {r['batch']} | {r['forward_rows_per_sample_total']:.2f} = {f['teacher']:.2f} + "
                      f"{f['student']:.2f} + {f['fake_score']:.2f} | {b['student'] + b['fake_score']:.0f} "
-                     f"| {r['seconds_per_iteration']:.3f} | {r['peak_memory_MiB']:.0f} MiB ({r['memory_kind']}) "
+                     f"| {r['seconds_per_iteration']:.3f} | {r['tflop_per_iteration']:.4g} "
+                     f"| {r['achieved_tflops']:.3g} | {mfu} | {busy} | {r['device_syncs']} "
+                     f"| {r['peak_memory_MiB']:.0f} MiB ({r['memory_kind']}) "
                      f"| {r['peak_memory_MiB'] - r['baseline_rss_MiB']:.0f} MiB |")
     return "\n".join(lines) + "\n"
 
@@ -193,6 +315,8 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--size", args.size, "--train_mode",
                mode, "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup",
                str(args.warmup), "--mixed_precision", args.mixed_precision, f"--extra={args.extra}"]
+        if args.peak_tflops:
+            cmd += ["--peak_tflops", str(args.peak_tflops)]
         if args.gradient_checkpointing:
             cmd.append("--gradient_checkpointing")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

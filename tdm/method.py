@@ -43,10 +43,15 @@ class TDMConfig:
 
 class TrainingRNG:
     """The random stream of training (initial noise, draws, diffusion noise), separate from
-    torch's global one so that a checkpoint can store it and resume continues it exactly."""
+    torch's global one so that a checkpoint can store it and resume continues it exactly.
+
+    Draws are made on the host (`draw_rng`, the same generator as `rng` on a CPU device) so
+    that the lazy rollout knows each sample's depth without waiting for the device."""
 
     def __init__(self, device, seed: int, shared_seed: Optional[int] = None):
         self.rng = torch.Generator(device=device).manual_seed(seed)
+        on_host = torch.device(device).type == "cpu"
+        self.draw_rng = self.rng if on_host else torch.Generator().manual_seed(seed)
         # draws every process must agree on (the iteration's K: sharded forwards are collective)
         self.shared_rng = torch.Generator().manual_seed(seed if shared_seed is None else shared_seed)
 
@@ -54,12 +59,17 @@ class TrainingRNG:
         return torch.randn(shape, device=device, generator=self.rng)
 
     def state_dict(self) -> dict:
-        return {"state": self.rng.get_state(), "shared": self.shared_rng.get_state()}
+        state = {"state": self.rng.get_state(), "shared": self.shared_rng.get_state()}
+        if self.draw_rng is not self.rng:
+            state["draw"] = self.draw_rng.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.set_state(state["state"])
         if "shared" in state:
             self.shared_rng.set_state(state["shared"])
+        if "draw" in state and self.draw_rng is not self.rng:
+            self.draw_rng.set_state(state["draw"])
 
 
 @dataclass
@@ -128,11 +138,11 @@ class TDM:
         noise = self.randn((batch, *latent_shape), device)
         K = self.draw_num_steps()
         fake_score_draw, student_draw = self.draw(K, batch, device)
-        depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)
+        depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)   # on the host
                  if self.config.lazy_rollout else None)
         trajectory = self.rollout(student, noise, cond, depth, K)
-        return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw,
-                         student_draw, trajectory)
+        return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
+                         student_draw.to(device), trajectory)
 
     def draw_num_steps(self) -> int:
         """K of this iteration (§6): uniform over the unify set, the same on every process."""
@@ -144,13 +154,14 @@ class TDM:
 
     def draw(self, num_steps: int, batch: int, device) -> tuple:
         """(fake-score draw, student draw) of (k, t_g, t_e, t) per sample on the grid of K
-        (§3.1–3.3). Both come before the rollout so that it knows how deep each sample must go;
-        they are independent, as with the demo's fresh draw after the fake-score update. With
-        share_step_draw the student draw reuses the fake-score draw's k (fresh t_e and t)."""
-        rng = self.rng.rng if self.rng else None
+        (§3.1–3.3), made on the host and also returned there (`Draw.to` moves them). Both come
+        before the rollout so that it knows how deep each sample must go; they are independent,
+        as with the demo's fresh draw after the fake-score update. With share_step_draw the
+        student draw reuses the fake-score draw's k (fresh t_e and t)."""
+        rng = self.rng.draw_rng if self.rng else None
         grid, c = self.grids[num_steps], self.config
-        fake_score_draw = sample_draw(grid, batch, device, c.separate, c.randmid, rng)
-        student_draw = sample_draw(grid, batch, device, c.separate, c.randmid, rng,
+        fake_score_draw = sample_draw(grid, batch, "cpu", c.separate, c.randmid, rng)
+        student_draw = sample_draw(grid, batch, "cpu", c.separate, c.randmid, rng,
                                    k=fake_score_draw.k if c.share_step_draw else None)
         return fake_score_draw, student_draw
 

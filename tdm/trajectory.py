@@ -71,7 +71,7 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
     """Deterministic K-step sampling from pure noise placed at τ_K (docs/method.md §2).
 
     x ← α_{τ_{k-1}} x̂0 + σ_{τ_{k-1}} ε̂ between steps; the student uses no CFG.
-    `depth` (per sample, 0..K) stops each sample after that many student steps: rows that are
+    `depth` (per sample, 0..K, best on the host) stops each sample after that many student steps: rows that are
     done leave the batch, so no forward is spent on steps nobody reads. States are kept up to
     the input of step K − depth; predictions past a sample's depth are left zero.
     """
@@ -88,6 +88,8 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
             rows = None
         if rows is not None and rows.numel() == 0:
             break
+        if rows is not None:   # chosen on the host (depth lives there): no wait for the device
+            rows = rows.to(noise.device, non_blocking=True)
         x_in = x if rows is None else x[rows]
         c_in = cond if rows is None else select_condition(cond, rows)
         t = grid.tau(torch.full((x_in.shape[0],), k, device=noise.device, dtype=torch.long))
@@ -109,6 +111,10 @@ class Draw:
     t_e: torch.Tensor  # end of the ODE move
     t: torch.Tensor    # diffusion time
     num_steps: int = 0  # K of the grid it was drawn on
+
+    def to(self, device) -> "Draw":
+        move = lambda v: v.to(device, non_blocking=True)  # noqa: E731
+        return Draw(move(self.k), move(self.t_g), move(self.t_e), move(self.t), self.num_steps)
 
 
 def _uniform_int(low: torch.Tensor, high: torch.Tensor, rng=None) -> torch.Tensor:
