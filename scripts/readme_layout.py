@@ -35,7 +35,7 @@ DESCRIPTIONS = {
     "configs/sd15_dreamshaper.yaml": "SD1.5 (Dreamshaper-7) as reported in the paper: 3k iterations, batch 256, cfg 3.5",
     "configs/sd3_medium.yaml": "Stable Diffusion 3 Medium, LoRA student; settings are this repo's choice (the paper gives none)",
     "configs/sdxl.yaml": "SDXL base 1.0 as reported in the paper: batch 64, cfg 8, two stages 512 → 1024 px",
-    "configs/toy2d.yaml": "The default job: TDM on a 2-D Gaussian mixture (`python scripts/toy2d.py --config configs/toy2d.yaml`)",
+    "configs/toy2d.yaml": "The default job: TDM on a 2-D Gaussian mixture (`python scripts/toy_benchmark.py --config configs/toy2d.yaml`)",
     # docstring overrides
     "tests/harness.py": "Runs one iteration through train_tdm's own entry points and through tests/reference.py, and compares them",
     "tdm/metrics.py": "Sample-based distances between distributions (the toy benchmark's sliced Wasserstein distance)",

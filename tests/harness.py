@@ -3,6 +3,7 @@ train_tdm.tdm_iteration) and the plain reference of tests/reference.py on the sa
 random stream, and compare losses, gradients and the weights after the optimiser steps."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List
 
@@ -15,9 +16,17 @@ PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree in a field"
            "a yellow bird on a wire", "a small house by a lake", "an old car in the rain",
            "a bowl of fruit", "a castle on a hill"]
 TOY_PROMPTS = ["0", "1", "2", "3", "", "1", "2", "0"]
-TOY_OPTIONS = ('{"mixture": {"circle": {"modes": 4, "radius": 2.0}, "std": 0.1, "conditional": true},'
-               ' "network": {"hidden": 32, "depth": 2, "time_channels": 16},'
-               ' "teacher": {"steps": 5, "batch_size": 64}}')
+TOY_OPTIONS = {"mixture": {"circle": {"modes": 4, "radius": 2.0}, "std": 0.1, "conditional": True},
+               "network": {"hidden": 32, "depth": 2, "time_channels": 16},
+               "teacher": {"steps": 5, "batch_size": 64}}
+
+
+def toy_model(folder: str) -> str:
+    """The toy2d model folder of TOY_OPTIONS: its teacher pre-trained there (the explicit step
+    before training), or reused."""
+    from tdm.toy.teacher import ensure_teacher
+
+    return ensure_teacher(folder, TOY_OPTIONS)
 
 
 def reset_accelerate() -> None:
@@ -43,7 +52,7 @@ def train_args(model: str, out: str, flags=(), family: str = "pixart", prompts=P
             "--learning_rate", "1e-3", "--report_to", "none", "--train_batch_size", "2",
             "--mixed_precision", "no", "--cfg", "3.0"]
     if family == "toy2d":
-        base += ["--backbone", "toy2d", "--backbone_options", TOY_OPTIONS]
+        base += ["--backbone", "toy2d", "--backbone_options", json.dumps(TOY_OPTIONS)]
     if family == "cogvideox":
         base += ["--num_frames", "9"]
     return parse_args(base + list(flags))

@@ -25,9 +25,12 @@ def tiny_models(tmp_path_factory, tiny_pixart):
     from tdm.tiny.sd import build_tiny_sd15, build_tiny_sdxl
     from tdm.tiny.sd3 import build_tiny_sd3
 
+    from harness import toy_model
+
+    # toy2d: its teacher is pre-trained explicitly (tdm.toy.teacher.ensure_teacher)
     builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
-                "cogvideox": build_tiny_cogvideox}
-    folders = {"pixart": tiny_pixart, "toy2d": str(tmp_path_factory.mktemp("models") / "toy2d")}
+                "cogvideox": build_tiny_cogvideox, "toy2d": toy_model}
+    folders = {"pixart": tiny_pixart}
 
     def get(family):
         if family not in folders:

@@ -44,10 +44,11 @@ def _family(name, folder):
 
     if name == "toy2d":
         from tdm.backbones import load_backbone
+        from tdm.toy.teacher import ensure_teacher
 
         options = {"network": {"hidden": 32, "depth": 1, "time_channels": 16},
                    "teacher": {"steps": 5, "batch_size": 64}}
-        backbone = load_backbone(str(folder), "toy2d", options=options)
+        backbone = load_backbone(ensure_teacher(str(folder), options), "toy2d", options=options)
         backbone.load_text_encoders("cpu", torch.float32)
         return backbone, (2,)
     build = {"pixart": build_tiny_pixart, "sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl,

@@ -36,24 +36,78 @@ def test_swd_sw1_of_point_masses():
 
 
 def toy(tmp_path, **mixture):
+    """The toy backbone on a small teacher, pre-trained explicitly into tmp_path/teacher first."""
     from tdm.backbones import load_backbone
+    from tdm.toy.teacher import ensure_teacher
 
-    return load_backbone(str(tmp_path / "teacher"), "toy2d", options={**SMALL, "mixture": mixture})
+    options = {**SMALL, "mixture": mixture}
+    return load_backbone(ensure_teacher(str(tmp_path / "teacher"), options), "toy2d", options=options)
 
 
 def test_teacher_is_pretrained_once_and_reused(tmp_path, monkeypatch):
     first = toy(tmp_path)
     assert (tmp_path / "teacher" / "denoiser" / "config.json").is_file()
-    import tdm.backbones.toy2d as adapter
+    import tdm.toy.teacher as teacher
 
-    monkeypatch.setattr(adapter, "pretrain_teacher", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(teacher, "pretrain_teacher", lambda *a, **k: pytest.fail("retrained"))
     second = toy(tmp_path)
     for p, q in zip(first.load_denoiser().parameters(), second.load_denoiser().parameters()):
         assert torch.equal(p, q)
+    from tdm.backbones import load_backbone
     from tdm.config import UsageError
 
     with pytest.raises(UsageError, match="other settings"):
         toy(tmp_path, std=0.2)
+    with pytest.raises(UsageError, match="other settings"):   # the adapter checks the spec too
+        load_backbone(str(tmp_path / "teacher"), "toy2d", options={**SMALL, "mixture": {"std": 0.2}})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text("{}")
+    with pytest.raises(UsageError, match="not empty"):     # never trains over another folder
+        teacher.ensure_teacher(str(tmp_path / "other"), SMALL)
+
+
+def test_backbone_only_loads_and_names_the_pretrain_command(tmp_path):
+    """An empty (or missing) folder is a one-line UsageError with the command that creates the
+    teacher; that command, run as printed, makes the folder loadable."""
+    import shlex
+
+    from tdm.backbones import load_backbone
+    from tdm.config import UsageError
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    options = {**SMALL, "mixture": {"conditional": True, "circle": {"modes": 4, "radius": 2.0}}}
+    with pytest.raises(UsageError) as error:
+        load_backbone(str(folder), "toy2d", options=options)
+    message = str(error.value)
+    assert "\n" not in message and "python -m tdm.toy.teacher" in message
+    assert os.listdir(folder) == []                        # nothing trained as a side effect
+    command = shlex.split(message[message.index("python -m tdm.toy.teacher"):])
+    proc = run_script([sys.executable, *command[1:]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_backbone(str(folder), "toy2d", options=options).mixture.num_classes == 4
+
+
+def test_pretrain_command_reads_a_config_and_the_command_line_wins(tmp_path, capsys):
+    """`python -m tdm.toy.teacher --config configs/toy2d.yaml` (the config header's command)
+    takes the config's folder and options; the same flags on the command line win."""
+    import yaml
+
+    from tdm.toy import teacher
+
+    args = teacher.parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml")])
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "toy2d.yaml")))
+    assert args.pretrained_model_name_or_path == config["pretrained_model_name_or_path"]
+    assert args.backbone_options == config["backbone_options"]
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({"backbone": "toy2d", "backbone_options": SMALL,
+                                    "pretrained_model_name_or_path": str(tmp_path / "unused")}))
+    folder = str(tmp_path / "teacher")
+    assert teacher.main(["--config", str(path), "--pretrained_model_name_or_path", folder]) == 0
+    assert teacher.read_spec(folder) == teacher.teacher_spec(SMALL)
+    assert not (tmp_path / "unused").exists()
+    assert teacher.main(["--config", str(path), "--pretrained_model_name_or_path", folder]) == 0
+    assert "reused" in capsys.readouterr().out
 
 
 def test_conditional_mixture_labels_empty_condition_and_cfg(tmp_path):
@@ -81,7 +135,7 @@ def test_conditional_mixture_labels_empty_condition_and_cfg(tmp_path):
 @pytest.mark.slow
 def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
     out = tmp_path / "toy"
-    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy2d.py"),
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy_benchmark.py"),
                        "--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
                        "--output_dir", str(out), "--pretrained_model_name_or_path",
                        str(tmp_path / "teacher"), "--max_train_steps", "300",
@@ -110,7 +164,7 @@ def test_shortened_unify_job_table_files_and_live_step_condition(tmp_path):
     The quality targets are not asserted here (noise at this size); the full run reports them."""
     out = tmp_path / "toy"
     options = {"mixture": {"circle": {"modes": 8, "radius": 2.0}, "std": 0.1}, **SMALL}
-    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy2d.py"), "--unify",
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "toy_benchmark.py"), "--unify",
                        "--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
                        "--output_dir", str(out), "--pretrained_model_name_or_path",
                        str(tmp_path / "teacher"), "--max_train_steps", "30",

@@ -1,6 +1,11 @@
 """toy2d: TDM on a 2-D Gaussian mixture. An MLP ε-denoiser on PixArt's DDPM table (linear betas
-1e-4→0.02, 1000 steps, docs/method.md §1); its teacher is pre-trained by denoising score matching the
-first time a teacher folder is used, and cached there.
+1e-4→0.02, 1000 steps, docs/method.md §1). This adapter only loads a teacher folder; pre-train it
+first (tdm/toy/teacher.py):
+
+    python -m tdm.toy.teacher --config configs/toy2d.yaml
+
+A folder without a teacher, or with one trained for other options, is a UsageError that names the
+command.
 
 Options (`--backbone_options`, or `backbone_options:` in a config):
     mixture: {circle: {modes: 8, radius: 2.0}, std: 0.1}   # or means: [[x, y], ...]; weights;
@@ -12,35 +17,24 @@ condition; an unconditional mixture ignores the prompt text.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from typing import List, Optional
 
 import torch
 
 from ..config import UsageError
 from ..path import GaussianPath
-from ..toy2d import GaussianMixture, ToyDenoiser, pretrain_teacher
+from ..toy.mixture import GaussianMixture
+from ..toy.network import ToyDenoiser
+from ..toy.teacher import DENOISER_SUBFOLDER, check_teacher, ddpm_scheduler, teacher_spec
 from .base import Backbone
-
-SPEC_FILE = "toy2d.json"
-
-
-def ddpm_scheduler():
-    """PixArt's training table: 1000 steps, betas linear 1e-4 → 0.02."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                         beta_schedule="linear", prediction_type="epsilon")
 
 
 class Toy2DBackbone(Backbone):
     name = "toy2d"
     prediction_type = "epsilon"
     lora_prefix = "denoiser"
-    denoiser_subfolder = "denoiser"
+    denoiser_subfolder = DENOISER_SUBFOLDER
     lora_target_modules = ["proj_in", "fc1", "fc2", "proj_out", "linear_1", "linear_2"]
 
     def __init__(self, model_path: str, revision: Optional[str] = None,
@@ -50,41 +44,8 @@ class Toy2DBackbone(Backbone):
         self.mixture = GaussianMixture.from_options(self.options.get("mixture", {}))
         self.path = GaussianPath.from_scheduler(ddpm_scheduler())
         self.device = torch.device("cpu")
-        self.spec = {key: self.options.get(key, {}) for key in ("mixture", "network", "teacher")}
-        self.ensure_teacher()
-
-    # -- teacher cache --------------------------------------------------------------------
-    def ensure_teacher(self) -> None:
-        """Pre-train the teacher into `model_path` unless a matching one is cached there."""
-        spec_path = os.path.join(self.model_path, SPEC_FILE)
-        if os.path.isfile(spec_path):
-            with open(spec_path) as f:
-                cached = json.load(f)
-            if cached != json.loads(json.dumps(self.spec)):
-                raise UsageError(f"{self.model_path} holds a toy2d teacher for other settings "
-                                 f"({cached}); delete it or pick another folder")
-            return
-        with torch.random.fork_rng(devices=[]):   # the initial weights follow the teacher seed too
-            torch.manual_seed(self.spec["teacher"].get("seed", 0))
-            net = ToyDenoiser(num_classes=self.mixture.num_classes, **self.spec["network"])
-        teacher = pretrain_teacher(net, self.mixture, self.path, **self.spec["teacher"])
-        self._save_teacher(teacher)
-
-    def _save_teacher(self, teacher: ToyDenoiser) -> None:
-        """Write to a sibling temporary folder, then move into place (atomic for readers)."""
-        parent = os.path.dirname(os.path.abspath(self.model_path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".toy2d-teacher-")
-        teacher.save_pretrained(os.path.join(tmp, self.denoiser_subfolder))
-        ddpm_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-            json.dump(self.spec, f, indent=2)
-        if os.path.isdir(self.model_path) and not os.listdir(self.model_path):
-            os.rmdir(self.model_path)
-        try:
-            os.rename(tmp, self.model_path)
-        except OSError:          # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.spec = teacher_spec(self.options)
+        check_teacher(self.model_path, self.options)   # loads only: pre-training is its own step
 
     # -- models ---------------------------------------------------------------------------
     def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
