@@ -136,9 +136,9 @@ def count_syncs(run_iteration, device) -> dict:
     def record(op, tensor):
         stack = traceback.extract_stack()[:-2]
         frames = [f for f in stack if f.filename.startswith(ROOT) and "site-packages" not in f.filename
-                  and "bench_train" not in f.filename]
+                  and f.name not in ("count_syncs", "record", "counted_tolist", "__torch_dispatch__")]
         in_optim = any(os.sep + os.path.join("torch", "optim") in f.filename for f in stack)
-        site = (os.path.basename(frames[-1].filename), frames[-1].name) if frames else ("bench", "log")
+        site = (os.path.basename(frames[-1].filename), frames[-1].name) if frames else ("?", "?")
         host = (in_optim or site in HOST_SITES
                 or (tensor is not None and tensor.device.type == "cpu" and device.type != "cpu"))
         calls[("host" if host else "device", op, *site)] += 1
@@ -231,8 +231,9 @@ def worker(args) -> dict:
             prompts = iter(run.dataloader)
             return next(prompts)
 
-    def iteration():
-        losses = train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(next_batch()),
+    def iteration(batch=None):
+        batch = batch or next_batch()
+        losses = train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(batch),
                                          run.uncond, run.latent_shape, run.fake_score_optimizer,
                                          run.student_optimizer, run.lr_scheduler, targs.max_grad_norm)
         return torch.stack([losses[0].detach(), losses[1].detach()]).tolist()   # as training logs
@@ -251,7 +252,8 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
     counters.enabled = False
     device = run.accelerator.device
-    syncs = count_syncs(iteration, device)
+    batch = next_batch()   # the data loader's own host work stays outside the count
+    syncs = count_syncs(lambda: iteration(batch), device)
     flops = count_flops(iteration)
     busy = gpu_busy_fraction(iteration) if device.type == "cuda" else None
     per_sample = {role: counters.rows[role] / (args.iterations * args.batch)

@@ -25,7 +25,7 @@ def test_bench_train_counts_forwards_and_backwards(tmp_path):
         # host syncs: one fused finiteness flag per update, the logged losses, and the PixArt
         # text pipeline's own (gone with --cache_text_embeddings)
         assert r["device_sync_sites"] == {"_local_scalar_dense train_tdm.py:all_finite": 2,
-                                          "tolist bench:log": 1,
+                                          "tolist bench_train.py:iteration": 1,
                                           "_local_scalar_dense pixart.py:encode_prompts": 1}
         assert r["device_syncs"] == 4 and r["tflop_per_iteration"] > 0 and r["mfu"] is None
     assert "| tiny" in md.read_text()
