@@ -40,3 +40,20 @@ def test_check_fsdp_script_compares_runs(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert sum(line.endswith("| yes |") for line in table) == 4
     assert os.path.isdir(tmp_path / "fsdp_resumed" / "checkpoint-1")
+
+
+def test_lr_match_measures_lora_against_full(tmp_path):
+    """scripts/lr_match.py: full and LoRA rows at the config's lr × each multiplier, movement
+    growing with the multiplier, and the matching multiplier (bracketed here by 1 and 100)."""
+    md = tmp_path / "lr.md"
+    proc = run_script([sys.executable, os.path.join(ROOT, "scripts", "lr_match.py"), "--model", "pixart-tiny",
+                       "--config", os.path.join(ROOT, "configs", "pixart_alpha_512.yaml"), "--lora_rank", "4",
+                       "--train_batch_size", "2", "--steps", "2", "--multipliers", "1,100",
+                       "--models_dir", str(tmp_path / "models"), "--markdown", str(md)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+            if "mode" in r]   # one line per run (and a summary line)
+    assert [(r["mode"], r["multiplier"]) for r in rows] == [("full", 1.0), ("lora", 1.0), ("lora", 100.0)]
+    assert rows[1]["lr_fake"] * 100 == pytest.approx(rows[2]["lr_fake"])
+    assert 0 < rows[1]["movement"][-1] < rows[0]["movement"][-1] < rows[2]["movement"][-1]
+    assert "Matching LoRA multiplier" in md.read_text() and "×" in md.read_text()
