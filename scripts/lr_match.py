@@ -159,9 +159,9 @@ def measure(args, mode: str, multiplier: float = 1.0) -> dict:
     noise = noise.to(device)
     t = tdm.grids[K].tau(torch.full((batch,), K, dtype=torch.long, device=device))
 
-    def probe():
+    def probe(student=networks.student_eval):
         with torch.no_grad():
-            return networks.student_eval(noise, t, cond)[0].float()
+            return student(noise, t, cond)[0].float()
 
     x0_start = probe()
     movement, skipped, start = [0.0], 0, time.perf_counter()
@@ -186,7 +186,7 @@ def measure(args, mode: str, multiplier: float = 1.0) -> dict:
            "batch": targs.train_batch_size, "steps": args.steps, "x0_rms": x0_start.pow(2).mean().sqrt().item(),
            "movement": movement, "skipped_updates": skipped,
            "seconds": round(time.perf_counter() - start, 1), "probe_batch": args.probe_batch, "flags": flags}
-    del run, networks
+    del run, networks, probe   # free the models before the next build
     gc.collect()
     shutil.rmtree(out, ignore_errors=True)
     return row

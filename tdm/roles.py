@@ -25,7 +25,6 @@ ran in between. The same holds for:
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch

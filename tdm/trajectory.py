@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .conditions import select_condition
 from .path import GaussianPath
 
 # (x_t, t, condition) -> (x̂0, ε̂); see tdm.backbones.Denoiser.
@@ -75,8 +76,6 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
     done leave the batch, so no forward is spent on steps nobody reads. States are kept up to
     the input of step K − depth; predictions past a sample's depth are left zero.
     """
-    from .conditions import select_condition
-
     batch, K = noise.shape[0], grid.num_steps
     states = torch.zeros((K, *noise.shape), device=noise.device, dtype=torch.float32)
     x0s, epss = torch.zeros_like(states), torch.zeros_like(states)

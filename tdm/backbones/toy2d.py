@@ -24,6 +24,7 @@ import torch
 
 from ..config import UsageError
 from ..path import GaussianPath
+from ..step_condition import apply_step_embedding, find_step_embedding_file
 from ..toy.mixture import GaussianMixture
 from ..toy.network import ToyDenoiser
 from ..toy.teacher import DENOISER_SUBFOLDER, check_teacher, ddpm_scheduler, teacher_spec
@@ -57,8 +58,6 @@ class Toy2DBackbone(Backbone):
         its step embedding if it was trained with --unify_steps (then choose K with
         tdm.step_condition.set_num_steps; it starts at 4)."""
         from ..lora import LORA_WEIGHT_NAME
-        from ..step_condition import apply_step_embedding, find_step_embedding_file
-
         lora = os.path.join(output_dir, LORA_WEIGHT_NAME)
         if os.path.isfile(lora):
             net = self.load_denoiser(dtype)

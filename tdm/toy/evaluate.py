@@ -12,6 +12,13 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
+from ..conditions import cat_conditions, expand_condition
+from ..images import image_grid
+from ..losses import classifier_free_guidance
+from ..metrics import sliced_wasserstein
+from ..step_condition import find_step_embeddings, set_num_steps
+from ..trajectory import StepGrid, rollout
+
 SEEDS = {"ground_truth": 1, "reference": 2, "noise": 3, "projections": 0}
 SAMPLER_TITLES = {
     "ground_truth": "ground truth",
@@ -49,9 +56,6 @@ def evaluation_inputs(backbone, n: int):
 
 def guided(teacher, uncond: dict, cfg: float):
     """The teacher with classifier-free guidance on both x̂0 and ε̂ (docs/method.md §5), for DDIM."""
-    from ..conditions import cat_conditions, expand_condition
-    from ..losses import classifier_free_guidance
-
     if cfg == 1.0:
         return teacher
 
@@ -70,8 +74,6 @@ def sample_all(backbone, student_net, timesteps: List[int], cfg: float, n: int,
     tdm's rollout on N uniformly spaced timesteps (docs/method.md §2); student 1 step is the rollout
     on the grid [τ_K]. `timesteps`: the student's grid (also the teacher's DDIM 4); `cfg`: the
     teacher's guidance."""
-    from ..trajectory import StepGrid, rollout
-
     path = backbone.path
     truth, cond, noise = evaluation_inputs(backbone, n)
     grid = StepGrid(timesteps)
@@ -96,9 +98,6 @@ def sample_step_counts(backbone, student_net, n: int, total_steps: int, counts: 
     labels of sample_all. A step-conditioned (TDM-unify) student is told K (set_num_steps);
     another one just takes the K steps (a 4-step student at K = 1 runs the grid [τ_4]).
     step_embedding=False runs a unify student as plain diffusers would: without its embedding."""
-    from ..step_condition import find_step_embeddings, set_num_steps
-    from ..trajectory import StepGrid, rollout
-
     _, cond, noise = evaluation_inputs(backbone, n)
     student = backbone.denoiser(student_net.eval())
     holder = find_step_embeddings(student_net)
@@ -113,8 +112,6 @@ def sample_step_counts(backbone, student_net, n: int, total_steps: int, counts: 
 
 def swd_table(samples: dict, reference: torch.Tensor, projections: int) -> dict:
     """{name: SWD of its samples to the reference}, all on the same projections."""
-    from ..metrics import sliced_wasserstein
-
     return {name: sliced_wasserstein(x, reference, projections, SEEDS["projections"])
             for name, x in samples.items()}
 
@@ -143,8 +140,6 @@ def scatter_panel(points: np.ndarray, title: str, size: int = 320, extent: float
 
 def save_figure(samples: dict, swd: dict, path: str) -> None:
     """One scatter panel per sampler, titled with its SWD, in two rows."""
-    from ..images import image_grid
-
     panels = [scatter_panel(x.numpy(), f"{SAMPLER_TITLES[name]}\nSWD {swd[name]:.4f}")
               for name, x in samples.items()]
     image_grid(panels, rows=2).save(path)
