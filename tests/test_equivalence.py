@@ -109,6 +109,30 @@ def test_bf16_mixed_precision_matches_the_reference_in_bf16(tiny_models, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
+def test_torch_compile_matches_the_reference_and_compiles_once(tiny_models, tmp_path, mode):
+    """--torch_compile (toy2d, with checkpointing): the first, compiled iteration equals the plain
+    reference; later iterations compile no new graph (roles switch without recompiling)."""
+    import torch._dynamo.utils
+
+    import train_tdm
+
+    args = train_args(tiny_models("toy2d"), str(tmp_path),
+                      ["--train_mode", mode, "--torch_compile", "--gradient_checkpointing",
+                       "--use_separate"], "toy2d", TOY_PROMPTS)
+    production = Production(args)
+    expected = reference(production, [[TOY_PROMPTS[:2]]])
+    assert_records_equal(production.iterate([TOY_PROMPTS[:2]]), expected)
+    run, counters = production.run, torch._dynamo.utils.counters
+    for prompts in (TOY_PROMPTS[2:4], TOY_PROMPTS[4:6]):
+        counters.clear()
+        train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(prompts), run.uncond,
+                                run.latent_shape, run.fake_score_optimizer, run.student_optimizer,
+                                run.lr_scheduler, args.max_grad_norm)
+        assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tiny_models, tmp_path, mode):
     """Data parallelism: the averaged gradients and the weights after the step of two ranks
     (two prompts each) are the plain reference's on the four prompts in one batch."""
