@@ -26,8 +26,6 @@ from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_ou
 from tdm.data import load_prompts
 
 logger = logging.getLogger("tdm")
-# bitsandbytes' CPU backend warns at import about optional 4-bit kernels that TDM never uses.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -16,7 +17,9 @@ def attach_lora(module: torch.nn.Module, rank: int, alpha: float, target_modules
     Called again with another name, it adds a second adapter to the same layers."""
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                         target_modules=list(target_modules))
-    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    with warnings.catch_warnings():   # a second adapter on the same model is what we want here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, param in module.named_parameters():
         is_lora = "lora_" in name
         param.requires_grad_(is_lora)
