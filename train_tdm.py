@@ -81,8 +81,7 @@ def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
     """backward → optimiser step of one update; returns whether the step was applied. Averages
     gradients where DDP does not and clips (accelerate skips the step while accumulating). A
     non-finite loss or gradient skips the step on every process, so no optimiser state is
-    poisoned: one fused check of the loss and the gradient norm, one host sync (with fp16,
-    accelerate's grad scaler skips overflowing steps itself)."""
+    poisoned: one fused check of the loss and the gradient norm, one host sync."""
     accelerator.backward(loss)
     applied = True
     if accelerator.sync_gradients:
@@ -91,8 +90,10 @@ def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
             norm = accelerator.clip_grad_norm_(params, max_grad_norm)
         elif accelerator.scaler is None:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if accelerator.scaler is None:
-            applied = all_finite(accelerator, torch.stack([loss.detach().float(), norm.float()]))
+        # with fp16 the grad scaler skips steps with overflowing gradients itself: the loss alone
+        values = loss.detach().float().reshape(1) if accelerator.scaler is not None else \
+            torch.stack([loss.detach().float(), norm.float()])
+        applied = all_finite(accelerator, values)
     if applied:
         optimizer.step()
         if lr_scheduler is not None:
