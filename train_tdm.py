@@ -11,6 +11,7 @@ and losses in tdm/method.py); this file wires it to accelerate.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -230,7 +231,7 @@ def build(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_distributed(accelerator.distributed_type.value, args.train_mode)
+    check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
     if args.allow_tf32:
@@ -290,6 +291,12 @@ def build(args):
     training_rng = TrainingRNG(accelerator.device, (args.seed or 0) + accelerator.process_index,
                                      shared_seed=args.seed or 0)
     accelerator.register_for_checkpointing(training_rng)
+    ema = None
+    if args.use_ema:
+        from tdm.ema import StudentEMA
+
+        ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
+        accelerator.register_for_checkpointing(ema)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
@@ -301,7 +308,7 @@ def build(args):
                                              unify_steps=tuple(args.unify_steps or ()),
                                              fake_step_condition=args.fake_step_condition),
               training_rng)
-    return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm,
+    return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm, ema=ema,
                            encode=encode, uncond=uncond, dataloader=dataloader,
                            fake_score_optimizer=fake_score_optimizer, student_optimizer=student_optimizer,
                            lr_scheduler=lr_scheduler,
@@ -377,6 +384,8 @@ def main(args) -> int:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if run.ema is not None:
+                run.ema.update(global_step)
             nonfinite_total += skipped
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
             losses = torch.stack([fake_score_loss.detach(), student_loss.detach()]).tolist()  # one sync
@@ -403,7 +412,8 @@ def main(args) -> int:
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
             if args.validation_steps and global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, run, global_step)
+                with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+                    log_validation(accelerator, args, run, global_step)
             if stop.requested(accelerator):
                 path = save_checkpoint(accelerator, args, global_step)
                 logger.info("%s received: saved %s at step %d; continue with "
@@ -424,8 +434,9 @@ def main(args) -> int:
     if accelerator.is_main_process:
         with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
             f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
-        logger.info("exported the student to %s",
-                    networks.export(args.output_dir, backbone, args.export_format, full_state))
+        with run.ema.applied() if args.export_ema else contextlib.nullcontext():
+            logger.info("exported the %sstudent to %s", "EMA of the " if args.export_ema else "",
+                        networks.export(args.output_dir, backbone, args.export_format, full_state))
     accelerator.end_training()
     return 0
 

@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: as accelerate is configured.")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Keep an exponential moving average of the student (validation samples "
+                   "use it; see --export_ema).")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per step.")
+    g.add_argument("--ema_start_step", type=int, default=0,
+                   help="The EMA copies the student until this step, then averages.")
+    g.add_argument("--export_ema", action="store_true",
+                   help="Export the EMA of the student instead of its last weights (needs --use_ema).")
     g.add_argument("--max_nonfinite", type=int, default=10,
                    help="Stop (with a checkpoint) after this many iterations in a row whose losses "
                    "or gradients were not finite; such updates are skipped.")
@@ -275,6 +283,10 @@ def check_args(args, given=()) -> None:
             raise UsageError(f"--timesteps has {len(ts)} steps but --num_steps is {args.num_steps}")
     elif args.total_steps < num_steps:
         raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({num_steps})")
+    if args.export_ema and not args.use_ema:
+        raise UsageError("--export_ema needs --use_ema")
+    if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
@@ -294,7 +306,7 @@ def check_output_dir(output_dir: str) -> None:
                          "choose another folder") from None
 
 
-def check_distributed(distributed_type: str, train_mode: str) -> None:
+def check_distributed(distributed_type: str, train_mode: str, use_ema: bool = False) -> None:
     """Strategies the two-network loop runs under: DDP (lora/full) and FSDP (full only)."""
     if distributed_type == "DEEPSPEED":
         raise UsageError("DeepSpeed is not supported: TDM trains two networks with two optimisers and "
@@ -303,6 +315,9 @@ def check_distributed(distributed_type: str, train_mode: str) -> None:
     if distributed_type == "FSDP" and train_mode != "full":
         raise UsageError("FSDP shards full fine-tunes only: use --train_mode full, or launch LoRA "
                          "training without the FSDP config (LoRA keeps one frozen base per GPU)")
+    if distributed_type == "FSDP" and use_ema:
+        raise UsageError("--use_ema is not supported under FSDP (each rank holds a shard of the "
+                         "student); drop --use_ema or train without the FSDP config")
 
 
 def check_8bit_adam() -> None:
