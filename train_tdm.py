@@ -251,7 +251,7 @@ def build(args):
         raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
                          f"{first_line}") from None
     try:
-        backbone.check_resolution(args.resolution)
+        backbone.check_fit(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):

@@ -108,6 +108,13 @@ class Backbone:
             raise ValueError(f"--resolution {resolution} must be a multiple of {factor} "
                              f"(VAE factor {self.vae_scale_factor} × patch size {patch})")
 
+    def check_fit(self, args) -> None:
+        """Raise ValueError, one line naming the value, the limit and the fix, unless the run's
+        sizes fit the model (read from its configs, before any weight is loaded). `args` is the
+        run's config: resolution, num_frames, max_sequence_length, lora_rank, train_mode.
+        Families with more limits (text length, frames) extend this and call super()."""
+        self.check_resolution(args.resolution)
+
     def image_size(self, resolution: int) -> tuple:
         """(height, width) in pixels for --resolution: square unless the family reads its own
         size (CogVideoX: --backbone_options height/width)."""
