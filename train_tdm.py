@@ -56,11 +56,21 @@ def make_optimizer(params, lr, args):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
-def register_checkpoint_hooks(accelerator, networks):
+def register_checkpoint_hooks(accelerator, networks, states: dict):
     """Checkpoints hold only what trains (LoRA layers, or every weight in full mode), written
-    by the networks themselves; accelerate adds optimisers, scheduler, RNG and noise states."""
+    by the networks themselves, and `states` (name → object with tensor state_dicts: the
+    training RNG, one file per process, and the EMA), as safetensors: resuming unpickles nothing
+    of ours. accelerate adds optimisers, scheduler and its RNG states."""
+    from tdm.checkpoint import load_tensors, save_tensors
+
+    def state_file(folder, name, per_process):
+        return os.path.join(folder, f"{name}_{accelerator.process_index}.safetensors" if per_process
+                            else f"{name}.safetensors")
 
     def save_hook(models, weights, output_dir):
+        for name, (obj, per_process) in states.items():
+            if per_process or accelerator.is_main_process:
+                save_tensors(obj.state_dict(), state_file(output_dir, name, per_process))
         if networks.sharded:   # FSDP/DeepSpeed: accelerate gathers and writes the shards itself
             return
         if accelerator.is_main_process:
@@ -68,6 +78,12 @@ def register_checkpoint_hooks(accelerator, networks):
         weights.clear()   # nothing else: the default would store the frozen base too
 
     def load_hook(models, input_dir):
+        for name, (obj, per_process) in states.items():
+            path = state_file(input_dir, name, per_process)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: missing (was the checkpoint written by as many "
+                                        "processes as this run has?)")
+            obj.load_state_dict(load_tensors(path))
         if networks.sharded:
             return
         networks.load(input_dir)
@@ -287,16 +303,16 @@ def build(args):
     # order matters under FSDP: optimiser i is saved with model i (student, then fake score)
     student_optimizer, fake_score_optimizer, dataloader, lr_scheduler = accelerator.prepare(
         student_optimizer, fake_score_optimizer, dataloader, lr_scheduler)
-    register_checkpoint_hooks(accelerator, networks)
     training_rng = TrainingRNG(accelerator.device, (args.seed or 0) + accelerator.process_index,
                                      shared_seed=args.seed or 0)
-    accelerator.register_for_checkpointing(training_rng)
+    states = {"training_rng": (training_rng, True)}   # each process its own noise stream
     ema = None
     if args.use_ema:
         from tdm.ema import StudentEMA
 
         ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
-        accelerator.register_for_checkpointing(ema)
+        states["ema"] = (ema, False)
+    register_checkpoint_hooks(accelerator, networks, states)
     tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
@@ -335,10 +351,29 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite updates; the last good state is checkpointed."""
 
 
+def resume(accelerator, output_dir: str, requested: str):
+    """Load the checkpoint to resume from (a path, or 'latest': the newest one that is whole)
+    and return its path; a damaged or unloadable one is refused in one line naming the file."""
+    from tdm.checkpoint import DamagedCheckpoint, checkpoint_to_resume
+
+    path = requested
+    try:
+        path = checkpoint_to_resume(output_dir, requested)
+        if path is not None:
+            accelerator.load_state(path)
+        return path
+    except DamagedCheckpoint as error:
+        raise UsageError(f"--resume_from_checkpoint: damaged checkpoint: {error}") from None
+    except Exception as error:   # a file accelerate or safetensors cannot read
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--resume_from_checkpoint {requested}: cannot load {path}: "
+                         f"{type(error).__name__}: {first_line}") from None
+
+
 def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from tdm.checkpoint import checkpoint_step, latest_checkpoint, remove_incomplete
+    from tdm.checkpoint import checkpoint_step, remove_incomplete
 
     run = build(args)
     accelerator, backbone, networks, tdm = run.accelerator, run.backbone, run.networks, run.tdm
@@ -354,12 +389,10 @@ def main(args) -> int:
     # Resume.
     global_step = 0
     if args.resume_from_checkpoint:
-        path = (latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
-                else args.resume_from_checkpoint)
+        path = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
         if path is None:
-            logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
+            logger.info("no complete checkpoint in %s; starting from scratch", args.output_dir)
         else:
-            accelerator.load_state(path)
             global_step = checkpoint_step(path)
             logger.info("resumed from %s at step %d", path, global_step)
     steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)

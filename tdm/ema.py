@@ -46,8 +46,11 @@ class StudentEMA:
                 p.copy_(s)
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.cpu() for s in self.shadow]}
+        """Flat name → tensor (what a safetensors file holds)."""
+        return {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
+        if len(state) != len(self.shadow):
+            raise RuntimeError(f"EMA state has {len(state)} tensors, the student {len(self.shadow)}")
+        for i, s in enumerate(self.shadow):
+            s.copy_(state[f"shadow.{i}"])

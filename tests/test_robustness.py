@@ -196,3 +196,95 @@ def test_two_processes_agree_and_only_rank0_writes(tiny_pixart, tmp_path, mode):
         assert not set(rank0) & set(rank1)          # the ranks see different prompts
     assert sorted(os.listdir(out / "samples")) == ["step-000003.png"]
     assert os.listdir(out).count("checkpoint-3") == 1
+
+
+# -- damaged and untrusted checkpoints ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_pixart, tmp_path_factory):
+    """A run with checkpoint-1 and checkpoint-2 (EMA on, so every kind of state file is there)."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    proc = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 2, "--checkpointing_steps", "1",
+                                                        "--use_ema")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def damaged_copy(source, tmp_path, damage):
+    """A copy of the run folder with `damage(checkpoint-2 folder)` applied."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    damage(out / "checkpoint-2")
+    return out
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                    # same size, different contents
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {   # name -> (damage to checkpoint-2, what the message names)
+    "truncated weights": (lambda c: truncate(c / "lora.safetensors"), "lora.safetensors: "),
+    "optimiser deleted": (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin: missing"),
+    "noise state corrupted": (lambda c: flip_a_byte(c / "training_rng_0.safetensors"),
+                              "training_rng_0.safetensors: contents differ"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_is_named_and_latest_skips_it(two_checkpoints, tmp_path, damage):
+    """In process (no training run): the verification both resume paths go through."""
+    from tdm.checkpoint import DamagedCheckpoint, checkpoint_to_resume
+
+    apply, message = DAMAGES[damage]
+    out = damaged_copy(two_checkpoints, tmp_path, apply)
+    with pytest.raises(DamagedCheckpoint, match=message.replace(".", r"\.")):
+        checkpoint_to_resume(str(out), str(out / "checkpoint-2"))
+    assert checkpoint_to_resume(str(out), "latest") == str(out / "checkpoint-1")
+    assert checkpoint_to_resume(str(two_checkpoints), "latest") == str(two_checkpoints / "checkpoint-2")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_damaged_checkpoint_and_latest_falls_back(two_checkpoints, tiny_pixart, tmp_path):
+    out = damaged_copy(two_checkpoints, tmp_path, DAMAGES["truncated weights"][0])
+    explicit = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 3, "--use_ema",
+                                                            "--resume_from_checkpoint", str(out / "checkpoint-2"))])
+    last = explicit.stderr.strip().splitlines()[-1]
+    assert explicit.returncode == 2 and last.startswith("error: --resume_from_checkpoint: damaged checkpoint")
+    assert "checkpoint-2/lora.safetensors" in last and "truncated" in last
+    latest = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 3, "--use_ema",
+                                                          "--resume_from_checkpoint", "latest")])
+    assert latest.returncode == 0, latest.stderr[-3000:]
+    assert "skipping damaged checkpoint" in latest.stderr and "at step 1" in latest.stderr
+    assert [line["step"] for line in log_lines(out) if "loss_student" in line][-2:] == [2, 3]
+
+
+@pytest.mark.slow
+def test_resume_never_runs_code_from_a_pickle(two_checkpoints, tiny_pixart, tmp_path):
+    """A checkpoint file replaced by a pickle that would run a command (and no manifest to catch
+    it): accelerate's weights-only loader refuses it; nothing of ours unpickles at all."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def plant(checkpoint):
+        (checkpoint / "manifest.json").unlink()
+        torch.save({"state": Payload()}, str(checkpoint / "optimizer.bin"))
+
+    out = damaged_copy(two_checkpoints, tmp_path, plant)
+    assert not [name for name in os.listdir(two_checkpoints / "checkpoint-2") if name.endswith(".pkl")
+                and name.startswith("custom")]
+    proc = run_script([sys.executable, TRAIN, *tiny_run(tiny_pixart, out, 3, "--use_ema",
+                                                        "--resume_from_checkpoint", str(out / "checkpoint-2"))])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "cannot load" in last and "UnpicklingError" in last, proc.stderr[-2000:]
+    assert not marker.exists()
