@@ -25,23 +25,35 @@ def exact_grid_scheduler(scheduler_config):
         use_lu_lambdas=False, thresholding=False, variance_type=None)
 
 
+PICKLE_REFUSAL = ("is a pickle, which can run code when loaded; only .safetensors weights are "
+                  "read (convert it with safetensors.torch.save_file)")
+
+
+def _has_safetensors(folder: str) -> bool:
+    return any(name.endswith((".safetensors", ".safetensors.index.json")) for name in os.listdir(folder))
+
+
 def resolve_weights(weights: Optional[str]) -> Optional[Tuple[str, str]]:
-    """An output dir, a LoRA .safetensors or a full denoiser folder → ("lora"|"full", location)."""
+    """An output dir, a LoRA .safetensors or a full denoiser folder → ("lora"|"full", location).
+    User-provided weights are read as safetensors only: a .bin/.pt/.ckpt is refused, unopened."""
     if not weights:
         return None
     if os.path.isfile(weights):
         if not weights.endswith(".safetensors"):
-            raise ValueError(f"--weights {weights}: a LoRA must be a .safetensors file")
+            raise ValueError(f"--weights {weights} {PICKLE_REFUSAL}" if weights.endswith(
+                (".bin", ".pt", ".pth", ".ckpt", ".pkl")) else
+                f"--weights {weights}: a LoRA must be a .safetensors file")
         return "lora", weights
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"--weights {weights}: no such file or folder")
     if os.path.isfile(os.path.join(weights, LORA_WEIGHT_NAME)):
         return "lora", os.path.join(weights, LORA_WEIGHT_NAME)
-    if os.path.isfile(os.path.join(weights, "config.json")):
-        return "full", weights
-    for sub in ("transformer", "unet", "denoiser"):
-        if os.path.isfile(os.path.join(weights, sub, "config.json")):
-            return "full", os.path.join(weights, sub)
+    for folder in (weights, *(os.path.join(weights, sub) for sub in ("transformer", "unet", "denoiser"))):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            if not _has_safetensors(folder):
+                raise ValueError(f"--weights {folder}: no .safetensors weights; a .bin model file "
+                                 f"{PICKLE_REFUSAL}")
+            return "full", folder
     raise FileNotFoundError(f"--weights {weights}: no {LORA_WEIGHT_NAME} and no model folder inside")
 
 

@@ -288,3 +288,32 @@ def test_resume_never_runs_code_from_a_pickle(two_checkpoints, tiny_pixart, tmp_
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "cannot load" in last and "UnpicklingError" in last, proc.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_user_weights_are_read_as_safetensors_only(tmp_path):
+    """infer_tdm.py --weights: a pickle file, or a model folder with only a .bin, is refused
+    unopened (its payload would run at load time); safetensors folders resolve."""
+    from tdm.sampling import resolve_weights
+
+    for name in ("student.bin", "student.pt", "student.ckpt"):
+        (tmp_path / name).write_bytes(b"not opened")
+        with pytest.raises(ValueError, match="is a pickle, which can run code"):
+            resolve_weights(str(tmp_path / name))
+    full = tmp_path / "out" / "transformer"
+    full.mkdir(parents=True)
+    (full / "config.json").write_text("{}")
+    (full / "diffusion_pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        resolve_weights(str(tmp_path / "out"))
+    (full / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert resolve_weights(str(tmp_path / "out")) == ("full", str(full))
+
+
+def test_infer_refuses_a_pickle_in_one_line(tiny_pixart, tmp_path):
+    bad = tmp_path / "student.ckpt"
+    bad.write_bytes(b"not opened")
+    proc = run_script([sys.executable, INFER, "--pretrained_model_name_or_path", tiny_pixart,
+                       "--weights", str(bad), "--prompt", "a cat", "--output", str(tmp_path / "x.png")])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: --weights") and "pickle" in lines[-1]
+    assert not (tmp_path / "x.png").exists()
