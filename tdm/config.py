@@ -294,12 +294,17 @@ def check_args(args, given=()) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Fail now, not after hours of training, if outputs cannot be written."""
+    """Fail now, not after hours of training, if outputs cannot be written (creates nothing:
+    the folder, or the nearest existing folder above it, must take a file)."""
     import tempfile
 
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir):
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise UsageError(f"--output_dir {output_dir} is not writable ({error.strerror or error}); "

@@ -45,7 +45,7 @@ def bad_inputs(tmp, model):
     fake_bnb = tmp / "no_bnb" / "bitsandbytes"
     fake_bnb.mkdir(parents=True, exist_ok=True)
     (fake_bnb / "__init__.py").write_text("raise ImportError('no GPU build of bitsandbytes')\n")
-    base = ["--pretrained_model_name_or_path", model, "--resolution", "32"]
+    base = ["--pretrained_model_name_or_path", model, "--resolution", "32", "--lora_rank", "4"]
     return {
         "prompts missing": (base + ["--prompts", str(tmp / "nope.txt")], "no such file"),
         "prompts blank": (base + ["--prompts", str(blank)], "no non-blank prompt"),

@@ -103,6 +103,32 @@ class CogVideoXBackbone(Backbone):
         return (frames, self.denoiser_config["in_channels"], height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
+    def check_fit(self, args) -> None:
+        """As every family, and: frames 4k + 1 (the VAE's temporal compression); the text exactly
+        the length the transformer's joint positional table holds; learned positions (5B I2V)
+        only at the model's own size."""
+        frames, factor = self.num_frames(args.num_frames), self.vae_temporal_factor
+        if frames < 1 or (frames - 1) % factor:
+            below = max((frames - 1) // factor * factor + 1, 1)
+            raise ValueError(f"--num_frames {frames}: the VAE compresses time by {factor}, so "
+                             f"frames must be {factor}k + 1; use {below} or {below + factor}")
+        config = self.denoiser_config
+        if config.get("use_learned_positional_embeddings"):
+            size = (config["sample_height"] * self.vae_scale_factor,
+                    config["sample_width"] * self.vae_scale_factor)
+            if self.image_size(args.resolution) != size:
+                raise ValueError(f"this CogVideoX has learned positions for {size[0]}×{size[1]} "
+                                 "only; set --backbone_options height/width to that size")
+        super().check_fit(args)
+
+    def check_text_length(self, tokens: Optional[int]) -> None:
+        capacity = self.denoiser_config["max_text_seq_length"]
+        if tokens is not None and tokens != capacity and (
+                self.denoiser_config.get("use_positional_embeddings", True)
+                or self.denoiser_config.get("use_learned_positional_embeddings")):
+            raise ValueError(f"--max_sequence_length {tokens}: this CogVideoX's positional table "
+                             f"holds exactly {capacity} text tokens; use {capacity} (or drop the flag)")
+
     def check_resolution(self, resolution: int) -> None:
         factor = self.vae_scale_factor * self.denoiser_config["patch_size"]
         for side in self.image_size(resolution):

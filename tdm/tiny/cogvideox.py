@@ -63,27 +63,29 @@ def _tiny_vae():
         scaling_factor=1.15258426).eval()
 
 
-def _tiny_transformer(rotary: bool):
+def _tiny_transformer(rotary: bool, text_tokens: int = MAX_SEQUENCE_LENGTH):
     from diffusers import CogVideoXTransformer3DModel
 
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         time_embed_dim=8, text_embed_dim=32, num_layers=2, sample_width=TINY_SIZE // 4,
         sample_height=TINY_SIZE // 4, sample_frames=TINY_NUM_FRAMES, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=MAX_SEQUENCE_LENGTH,
+        temporal_compression_ratio=4, max_text_seq_length=text_tokens,
         use_rotary_positional_embeddings=rotary)
     reinit_zero_weights(transformer)
     return transformer.eval()
 
 
-def build_tiny_cogvideox(path: str, seed: int = 0, rotary: bool = False) -> str:
+def build_tiny_cogvideox(path: str, seed: int = 0, rotary: bool = False,
+                         text_tokens: int = MAX_SEQUENCE_LENGTH) -> str:
     """Build a tiny real ``CogVideoXPipeline`` with fixed random weights and save it to ``path``.
 
     Components: T5 tokenizer (``common.build_t5_tokenizer``, 226 tokens), 2-layer
     ``T5EncoderModel`` (d_model 32), 3-block ``AutoencoderKLCogVideoX`` (4 latent channels),
     2-layer ``CogVideoXTransformer3DModel`` (sincos positions as CogVideoX-2B, or rotary
     embeddings as CogVideoX-5B with ``rotary=True``) and ``CogVideoXDDIMScheduler`` with the
-    CogVideoX-2B config. Returns ``path``.
+    CogVideoX-2B config. ``text_tokens``: the transformer's text capacity (a smaller model than
+    the shipped config expects, for the model-fit tests). Returns ``path``.
     """
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 
@@ -94,7 +96,7 @@ def build_tiny_cogvideox(path: str, seed: int = 0, rotary: bool = False) -> str:
         torch.manual_seed(seed + 1)
         vae = _tiny_vae()
         torch.manual_seed(seed + 2)
-        transformer = _tiny_transformer(rotary)
+        transformer = _tiny_transformer(rotary, text_tokens)
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                              transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler(**COGVIDEOX_2B_SCHEDULER_CONFIG))
