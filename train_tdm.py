@@ -268,6 +268,7 @@ def build(args):
                          f"{first_line}") from None
     try:
         backbone.check_fit(args)
+        guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
@@ -313,7 +314,8 @@ def build(args):
         ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
         states["ema"] = (ema, False)
     register_checkpoint_hooks(accelerator, networks, states)
-    tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, separate=args.use_separate,
+    tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, guidance_embedding=guidance_embedding,
+                                             separate=args.use_separate,
                                              randmid=args.use_randmid, loss=args.loss,
                                              snr_gamma=args.snr_gamma,
                                              importance_weight=not args.no_importance_weight,
@@ -470,6 +472,9 @@ def main(args) -> int:
         with run.ema.applied() if args.export_ema else contextlib.nullcontext():
             logger.info("exported the %sstudent to %s", "EMA of the " if args.export_ema else "",
                         networks.export(args.output_dir, backbone, args.export_format, full_state))
+        from tdm.model_card import write_model_card   # README.md beside the export
+
+        write_model_card(args.output_dir, backbone, args)
     accelerator.end_training()
     return 0
 

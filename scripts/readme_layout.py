@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Write the README's Layout section from the tree: one line per file, each with its one-line description.
+"""Write docs/layout.md from the tree: one line per file, each with its one-line description.
 
-    python scripts/readme_layout.py                     # print the block
-    python scripts/readme_layout.py --update README.md  # replace the part between the layout markers
+    python scripts/readme_layout.py                          # print the block
+    python scripts/readme_layout.py --update docs/layout.md  # replace the part between the markers
 
 Listed: the top-level scripts (*.py) and every file under tdm/, scripts/, configs/, docs/ and
 tests/; a subfolder of those is one line. A .py file (or a subfolder's __init__.py) is described by
 the first sentence of its module docstring, shortened to its leading clause when long; every other
 entry by DESCRIPTIONS below. A file with neither is an error, so a new file cannot be left out
-silently (tests/test_config_data.py checks that README.md holds what this prints).
+silently (tests/test_config_data.py checks that docs/layout.md holds what this prints).
 """
 import ast
 import os
@@ -28,6 +28,11 @@ DESCRIPTIONS = {
     "scripts/test.sh": "Install into .venv (CPU torch) and run the test suite",
     "configs/accelerate/": "Accelerate launch configs: fsdp.yaml shards full fine-tunes of large backbones",
     "configs/cogvideox_2b.yaml": "CogVideoX-2B text-to-video: the released LoRA's grid 999, 856, 665, 399, 49 frames at 480×720",
+    "configs/flux_dev.yaml": "FLUX.1-dev, LoRA student: the guidance embedding takes --cfg 3.5, student guidance 1; settings reasoned from sd3_medium.yaml and the model card",
+    "configs/flux_schnell.yaml": "FLUX.1-schnell, LoRA student (experimental: its teacher is already a few-step model; cfg 1)",
+    "configs/pixart_sigma_1024.yaml": "PixArt-Σ 1024, full fine-tune: the PixArt-α demo recipe on PixArt-Σ's 300-token, 1024 px model",
+    "configs/sana_1024.yaml": "SANA 1600M 1024 px, LoRA student: the flow recipe of sd3_medium.yaml on SANA's scheduler and DC-AE",
+    "configs/wan21_t2v_1_3b.yaml": "Wan2.1 T2V 1.3B text-to-video, LoRA student: 81 frames at 480×832, grid 999/749/499/249",
     "configs/pixart_alpha_512.yaml": "PixArt-α 512, the authors' public demo settings",
     "configs/pixart_alpha_512_lora.yaml": "PixArt-α 512 with LoRA student and fake score, learning rates raised for LoRA",
     "configs/pixart_alpha_512_paper.yaml": "PixArt-α 512 as reported in the paper: 500 iterations, batch 32, cfg 3.5",
@@ -42,6 +47,8 @@ DESCRIPTIONS = {
     "docs/benchmarks.md": "Every measurement: toy SWD tables, iteration cost, memory, sampling speed, FSDP, with machine, date and command",
     "docs/families.md": "Per model family: configs, loading the student in diffusers, known limits, what was tested",
     "docs/flags.md": "Every flag of train_tdm.py (generated) and the one-line errors bad input gets",
+    "docs/evaluation.md": "Evaluation: eval_tdm.py's metrics, the commands for the paper's Table 1 rows, what is untested",
+    "docs/layout.md": "Every file of the repository with its one-line description (generated)",
     "docs/method.md": "The algorithm: notation, grid, rollout, draws, both losses, TDM-unify, defaults; `tdm/` cites its sections",
 }
 SKIP = {"__init__.py", "__pycache__"}
@@ -124,8 +131,9 @@ def entries() -> list:
     return listed
 
 
-def layout() -> str:
-    return "\n".join(f"- [`{rel}`]({rel}) — {describe(rel)}" for rel in entries())
+def layout(link_prefix: str = "../") -> str:
+    """The list; links are relative to the file it goes in (docs/: "../")."""
+    return "\n".join(f"- [`{rel}`]({link_prefix}{rel}) — {describe(rel)}" for rel in entries())
 
 
 def update(path: str) -> None:
@@ -135,8 +143,10 @@ def update(path: str) -> None:
         raise SystemExit(f"error: {path} has no {START} … {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
+    prefix = os.path.relpath(ROOT, os.path.dirname(os.path.abspath(path))).replace(os.sep, "/")
+    block = layout("" if prefix == "." else prefix + "/")   # before opening: an error keeps the file
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{head}{START}\n{layout()}\n{END}{tail}")
+        f.write(f"{head}{START}\n{block}\n{END}{tail}")
 
 
 def main(argv=None) -> int:

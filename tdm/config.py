@@ -16,6 +16,11 @@ DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
+# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML
+# reads on/off as booleans, a resolved config.yaml holds the resolved value
+GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False, None: None, True: True, False: False}
+
+
 class UsageError(ValueError):
     """Bad input, reported as one line and exit code 2 before any work is done."""
 
@@ -70,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fake_step_condition", action="store_true",
                    help="Condition the fake score on the step index k (advised in mode 2).")
     g.add_argument("--cfg", type=float, default=4.5, help="Teacher guidance scale in the target.")
+    g.add_argument("--guidance_embedding", choices=["auto", "on", "off"], default="auto",
+                   help="How the teacher is guided: through its guidance embedding, one call with "
+                   "--cfg as input (guidance-distilled models: FLUX.1-dev), or by classifier-free "
+                   "guidance; auto: the embedding where the model has one.")
+    g.add_argument("--student_guidance", type=float, default=None,
+                   help="Guidance-embedded models: the fixed guidance input of student and fake "
+                   "score, and the guidance_scale to sample the student with (default 1.0).")
     g.add_argument("--use_separate", action="store_true",
                    help="Mode 1: each step's diffusion interval is its own.")
     g.add_argument("--use_randmid", action="store_true", help="Random end point of the ODE move.")
@@ -235,6 +247,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 def resolve(args) -> None:
     """The derived values, each computed here once: loss kind, LoRA alpha, K and the step grid
     (explicit --timesteps, or k·T/K − 1; TDM-unify: the deepest K), validation prompts."""
+    args.guidance_embedding = GUIDANCE_EMBEDDING[args.guidance_embedding]   # TDMConfig's value
     if args.loss is None:
         args.loss = "huber" if args.use_huber else "mse"
     if args.lora_alpha is None:
@@ -262,6 +275,10 @@ def step_timesteps(args) -> List[int]:
 def check_args(args, given=()) -> None:
     """Refuse bad flag values (UsageError, one line); changes nothing. `given`: the flags set
     explicitly (command line or YAML)."""
+    if args.guidance_embedding not in GUIDANCE_EMBEDDING:   # a YAML value bypasses choices
+        raise UsageError(f"--guidance_embedding must be auto, on or off, got {args.guidance_embedding!r}")
+    if args.student_guidance is not None and args.student_guidance < 0:
+        raise UsageError(f"--student_guidance must be >= 0, got {args.student_guidance}")
     if args.cfg <= 0:
         raise UsageError(f"--cfg must be > 0 (1 disables guidance), got {args.cfg}")
     if args.num_steps < 1:

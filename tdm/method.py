@@ -39,6 +39,12 @@ class TDMConfig:
     share_step_draw: bool = False  # one k per sample for both updates
     unify_steps: tuple = ()     # TDM-unify (§6): K drawn per iteration from these, K-conditioned
     fake_step_condition: bool = False  # the fake score also sees the step index k
+    # §5.1: the teacher is guided through its guidance embedding (one call, cfg in the condition
+    # under GUIDANCE) instead of CFG (Backbone.set_guidance decides: FLUX.1-dev)
+    guidance_embedding: bool = False
+
+
+GUIDANCE = "guidance"   # condition key of a guidance-embedded teacher's guidance value ([B])
 
 
 class TrainingRNG:
@@ -192,7 +198,11 @@ class TDM:
 
     @torch.no_grad()
     def teacher_x0(self, teacher: DenoiserFn, x_t, t, cond: dict, uncond: dict) -> torch.Tensor:
-        """CFG teacher prediction (§5); both branches in one batched forward, one if cfg == 1."""
+        """CFG teacher prediction (§5); both branches in one batched forward, one if cfg == 1.
+        A guidance-embedded teacher (§5.1) is called once, with cfg as its guidance input."""
+        if self.config.guidance_embedding:
+            guidance = torch.full((x_t.shape[0],), self.config.cfg, device=x_t.device)
+            return teacher(x_t, t, {**cond, GUIDANCE: guidance})[0]
         if self.config.cfg == 1.0:
             return teacher(x_t, t, cond)[0]
         x0 = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, uncond))[0]

@@ -26,18 +26,28 @@ def tiny_pixart(tmp_path_factory):
     return build_tiny_pixart(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))
 
 
+# every family with a tiny pipeline (tiny_models), in the order the tests run them
+FAMILIES = ["pixart", "sd15", "sdxl", "sd3", "cogvideox", "wan", "flux", "pixart_sigma", "sana", "toy2d"]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_pixart):
     """family -> folder of its tiny real pipeline, built once per session on first use."""
     from tdm.tiny.cogvideox import build_tiny_cogvideox
     from tdm.tiny.sd import build_tiny_sd15, build_tiny_sdxl
+    from tdm.tiny.flux import build_tiny_flux
+    from tdm.tiny.pixart_sigma import build_tiny_pixart_sigma
+    from tdm.tiny.sana import build_tiny_sana
     from tdm.tiny.sd3 import build_tiny_sd3
+    from tdm.tiny.wan import build_tiny_wan
 
     from harness import toy_model
 
     # toy2d: its teacher is pre-trained explicitly (tdm.toy.teacher.ensure_teacher)
     builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
-                "cogvideox": build_tiny_cogvideox, "toy2d": toy_model}
+                "cogvideox": build_tiny_cogvideox, "toy2d": toy_model, "wan": build_tiny_wan,
+                "flux": build_tiny_flux, "pixart_sigma": build_tiny_pixart_sigma,
+                "sana": build_tiny_sana}
     folders = {"pixart": tiny_pixart}
 
     def get(family):

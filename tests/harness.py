@@ -55,11 +55,18 @@ def train_args(model: str, out: str, flags=(), family: str = "pixart", prompts=P
         base += ["--backbone", "toy2d", "--backbone_options", json.dumps(TOY_OPTIONS)]
     if family == "cogvideox":
         base += ["--num_frames", "9"]
+    if family == "wan":
+        base += ["--num_frames", "5"]
     return parse_args(base + list(flags))
 
 
-def settings_of(args) -> Settings:
+def settings_of(args, backbone=None) -> Settings:
+    """The reference's settings; --guidance_embedding auto is the backbone's own mode."""
+    embedded = args.guidance_embedding
+    if embedded is None:
+        embedded = getattr(backbone, "guidance_embedding", False)
     return Settings(cfg=args.cfg, separate=args.use_separate, randmid=args.use_randmid,
+                    guidance_embedding=embedded,
                     loss=args.loss, snr_gamma=args.snr_gamma,
                     importance_weight=not args.no_importance_weight,
                     share_step_draw=args.share_step_draw, unify_steps=tuple(args.unify_steps or ()),
@@ -146,7 +153,7 @@ def reference(production: Production, shard_prompts: List[List[List[str]]],
     tables = step_tables(args.num_steps, args.unify_steps, args.fake_step_condition)
     plain = plain_networks(backbone, args.train_mode, weight_dtype, production.student_state,
                            production.fake_score_state, tables, args.lora_rank, args.lora_alpha)
-    settings = settings_of(args)
+    settings = settings_of(args, backbone)
     shared = torch.Generator().manual_seed(args.seed)
     rngs = [torch.Generator().manual_seed(args.seed + s) for s in range(len(shard_prompts))]
     micro_batches = []

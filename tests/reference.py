@@ -100,6 +100,7 @@ class Settings:
     fake_step_condition: bool = False
     num_steps: int = 4
     total_steps: int = 900
+    guidance_embedding: bool = False   # the teacher is guided through its guidance input (§5.1)
 
 
 @dataclass
@@ -225,10 +226,14 @@ def reference_iteration(nets: PlainNetworks, backbone, settings: Settings,
             x0, eps = nets.student(state, d.student_draw.t_g, student_condition(settings, cond, d.num_steps))
             with torch.no_grad():
                 x_t, _ = diffuse(path, x0.detach(), eps.detach(), d.student_draw.t_e, d.student_draw.t, d.student_noise)
-                x0_cond = nets.teacher(x_t, d.student_draw.t, cond)[0]
-                x0_real = (x0_cond if settings.cfg == 1.0 else
-                           classifier_free_guidance(x0_cond, nets.teacher(x_t, d.student_draw.t, uncond)[0],
-                                                    settings.cfg))
+                if settings.guidance_embedding:   # one call, cfg as the guidance input
+                    guidance = torch.full((x_t.shape[0],), settings.cfg)
+                    x0_real = nets.teacher(x_t, d.student_draw.t, {**cond, "guidance": guidance})[0]
+                else:
+                    x0_cond = nets.teacher(x_t, d.student_draw.t, cond)[0]
+                    x0_real = (x0_cond if settings.cfg == 1.0 else
+                               classifier_free_guidance(x0_cond, nets.teacher(x_t, d.student_draw.t, uncond)[0],
+                                                        settings.cfg))
                 x0_fake, _ = nets.fake_score(x_t, d.student_draw.t, fake_score_condition(settings, cond, d.num_steps, d.student_draw.k))
             student_loss = student_objective(x0, x0_real, x0_fake)
         (student_loss / n).backward()

@@ -124,17 +124,18 @@ def test_flag_reference_documents_every_flag():
                          "run python scripts/flag_table.py --update docs/flags.md")
 
 
-def test_readme_layout_is_current():
-    """The README's Layout lists every file with its description, as scripts/readme_layout.py
-    builds it from the tree now: a new, removed or re-described file fails until it is rerun."""
+def test_layout_is_current():
+    """docs/layout.md lists every file with its description, as scripts/readme_layout.py builds
+    it from the tree now: a new, removed or re-described file fails until it is rerun."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_layout", os.path.join(ROOT, "scripts", "readme_layout.py"))
     layout = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(layout)
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    block = readme.split(layout.START)[1].split(layout.END)[0].strip("\n")
-    assert block == layout.layout(), "README.md layout is stale; run python scripts/readme_layout.py --update README.md"
+    text = open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8").read()
+    block = text.split(layout.START)[1].split(layout.END)[0].strip("\n")
+    assert block == layout.layout("../"), ("docs/layout.md is stale; run "
+                                           "python scripts/readme_layout.py --update docs/layout.md")
 
 
 @pytest.mark.parametrize("strategy, mode, refused", [

@@ -12,32 +12,9 @@ import sys
 import pytest
 import torch
 
+from conftest import FAMILIES
 from harness import (PROMPTS, TOY_PROMPTS, Production, assert_records_close, assert_records_equal,
                      assert_tensors_equal, reference, train_args)
-
-FAMILIES = ["pixart", "sd15", "sdxl", "sd3", "cogvideox", "toy2d"]
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, tiny_pixart):
-    """family -> folder of its tiny real pipeline, built once per session on first use."""
-    from tdm.tiny.cogvideox import build_tiny_cogvideox
-    from tdm.tiny.sd import build_tiny_sd15, build_tiny_sdxl
-    from tdm.tiny.sd3 import build_tiny_sd3
-
-    from harness import toy_model
-
-    # toy2d: its teacher is pre-trained explicitly (tdm.toy.teacher.ensure_teacher)
-    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
-                "cogvideox": build_tiny_cogvideox, "toy2d": toy_model}
-    folders = {"pixart": tiny_pixart}
-
-    def get(family):
-        if family not in folders:
-            folders[family] = builders[family](str(tmp_path_factory.mktemp("models") / family))
-        return folders[family]
-
-    return get
 
 
 def check(tiny_models, tmp_path, family, flags, micro_batches=1, rtol=1e-4, autocast=None):

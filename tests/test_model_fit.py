@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import FAMILIES, ROOT
 from harness import train_args
 
-FAMILIES = ["pixart", "sd15", "sdxl", "sd3", "cogvideox", "toy2d"]
 
 ROWS = {   # name -> (family, flags, what the one line says)
     "LoRA rank wider than a target layer": ("pixart", ["--lora_rank", "4096"], "--lora_rank 4096 exceeds"),
@@ -22,6 +21,10 @@ ROWS = {   # name -> (family, flags, what the one line says)
                                                "holds exactly 226 text tokens"),
     "frames not 4k + 1": ("cogvideox", ["--num_frames", "8"], "frames must be 4k + 1; use 5 or 9"),
     "resolution not a multiple of VAE × patch": ("sd3", ["--resolution", "30"], "must be a multiple of"),
+    "resolution against FLUX's 2×2 packing": ("flux", ["--resolution", "30"], "2×2 packing"),
+    "text longer than FLUX's T5 takes": ("flux", ["--max_sequence_length", "600"], "--max_sequence_length 600"),
+    "video frames not 4k + 1 (Wan)": ("wan", ["--num_frames", "8"], "--num_frames 8 must be 4k + 1"),
+    "text beyond Wan's UMT5 capacity": ("wan", ["--max_sequence_length", "600"], "Wan's text capacity"),
 }
 
 
@@ -67,3 +70,14 @@ def test_a_shipped_config_on_a_smaller_model_exits_2_before_any_work(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: --max_sequence_length 226: this CogVideoX's positional table "
                                "holds exactly 16") and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [(True, None), (None, 2.0)], ids=["guidance_embedding", "student_guidance"])
+def test_guidance_flags_are_refused_without_a_guidance_input(tiny_models, flags):
+    """docs/method.md §5.1: only guidance-distilled models (FLUX.1-dev) take them."""
+    from tdm.backbones import load_backbone
+
+    backbone = load_backbone(tiny_models("pixart"))
+    assert backbone.set_guidance(None, None) is False
+    with pytest.raises(ValueError, match="need a guidance-distilled model"):
+        backbone.set_guidance(*flags)

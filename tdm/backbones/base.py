@@ -122,6 +122,19 @@ class Backbone:
         if args.train_mode == "lora":
             self.check_lora_rank(args.lora_rank)
 
+    # docs/method.md §5.1: whether the teacher is guided through a guidance input (FLUX.1-dev)
+    guidance_embedding: bool = False
+
+    def set_guidance(self, embedding: Optional[bool], student_guidance: Optional[float]) -> bool:
+        """Apply --guidance_embedding (None: the family's default) and --student_guidance
+        (docs/method.md §5.1) once, before training; return whether the teacher target is one call
+        with the guidance input. A family without a guidance input refuses both flags."""
+        if embedding or student_guidance is not None:
+            raise ValueError(f"--guidance_embedding on and --student_guidance need a guidance-"
+                             f"distilled model (FLUX.1-dev); {self.name} has no guidance input: "
+                             "drop them (--cfg is classifier-free guidance here)")
+        return False
+
     def check_positions(self, resolution: int) -> None:
         """A DiT with a fixed table of positions (`pos_embed_max_size`, SD3) takes at most that
         many patches per side."""
@@ -243,6 +256,15 @@ class Backbone:
     def pipeline_kwargs(self, num_frames: Optional[int] = None) -> dict:
         """Extra arguments for the pipeline's __call__ (switches of one family, video frames)."""
         return {}
+
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+        """Python for the model card that loads the student ("lora" file or "full" model folder at
+        `student_location`) in plain diffusers and samples it on `timesteps`. Default: built from
+        `pipeline_class_names[0]` and the scheduler `use_training_grid` sets (tdm.model_card);
+        override where the family's pipeline loads a student differently."""
+        from ..model_card import diffusers_snippet
+
+        return diffusers_snippet(self, weights_kind, student_location, timesteps)
 
     is_video: bool = False   # pipelines return `.frames` (lists of frames) instead of `.images`
 

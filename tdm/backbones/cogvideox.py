@@ -207,3 +207,18 @@ class CogVideoXBackbone(Backbone):
     def pipeline_kwargs(self, num_frames: Optional[int] = None) -> dict:
         return {"num_frames": self.num_frames(num_frames),
                 "max_sequence_length": self.max_sequence_length}
+
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+        """The generic snippet with the ᾱ table as `trained_betas` computed from the pipeline's own
+        scheduler in the snippet (as `use_training_grid` does) instead of a list of 1000 values."""
+        import re
+
+        snippet = super().loading_snippet(weights_kind, student_location, timesteps)
+        lines = [re.sub(r"trained_betas=\[[^\]]*\]", "trained_betas=betas", line)
+                 if line.startswith("pipe.scheduler = ") else line for line in snippet.split("\n")]
+        at = next(i for i, line in enumerate(lines) if line.startswith("pipe.scheduler = "))
+        lines[at:at] = [
+            "ac = pipe.scheduler.alphas_cumprod.double()   # the SNR-shifted, zero-SNR table of training",
+            "betas = (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]]))"
+            f".clamp(max=1 - {_MIN_ONE_MINUS_BETA!r}).tolist()"]
+        return "\n".join(lines)

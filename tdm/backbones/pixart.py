@@ -118,3 +118,22 @@ class PixArtBackbone(Backbone):
         return {"use_resolution_binning": False, "clean_caption": False,
                 "max_sequence_length": self.max_sequence_length}
 
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+        """A LoRA needs the transformer as a subclass with diffusers' PEFT mixin and
+        `load_lora_adapter` (PixArtAlphaPipeline has no LoRA loader), as `load_pipeline` does."""
+        if weights_kind != "lora":
+            return super().loading_snippet(weights_kind, student_location, timesteps)
+        from ..model_card import diffusers_snippet
+
+        imports = ["from diffusers import PixArtTransformer2DModel",
+                   "from diffusers.loaders import PeftAdapterMixin", "",
+                   "class PixArtTransformerWithLoRA(PixArtTransformer2DModel, PeftAdapterMixin):",
+                   "    pass   # the PEFT mixin this diffusers leaves out of the class"]
+        load = ["transformer = PixArtTransformerWithLoRA.from_pretrained(base, subfolder=\"transformer\", "
+                "dtype=dtype)",
+                "pipe = PixArtAlphaPipeline.from_pretrained(base, transformer=transformer, dtype=dtype).to(device)",
+                f"pipe.transformer.load_lora_adapter({student_location!r}, adapter_name=\"tdm\", "
+                "prefix=\"transformer\", use_safetensors=True)",
+                "pipe.transformer.set_adapters([\"tdm\"], weights=[1.0])   # LoRA scale"]
+        return diffusers_snippet(self, weights_kind, student_location, timesteps, load, imports)
+
