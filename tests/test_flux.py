@@ -8,29 +8,18 @@ import math
 import pytest
 import torch
 
-from conftest import accelerate_launch, loaded_backbone
-from tdm.lora import attach_lora, save_lora
+from conftest import accelerate_launch, check_full_student_becomes_the_transformer, loaded_backbone
+from flow_family import (PROMPTS, assert_same_network, check_flow_conversion, check_lora_scales,
+                         check_rollout_equals_pipeline, exported_lora_student, tiny_pipeline)
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
 
-PROMPTS = ["a red cat on a mat", "a blue boat at sea"]
 LATENT = (16, 16, 16)          # unpacked: 16 channels, 32 px / VAE factor 2
 MAX_LENGTH = 32                # T5 tokens in these tests (the model takes up to 512)
 
 
-@pytest.fixture(scope="session")
-def tiny_dev(tmp_path_factory):
-    from tdm.tiny.flux import build_tiny_flux
-
-    return build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux-dev"))
-
-
-@pytest.fixture(scope="session")
-def tiny_schnell(tmp_path_factory):
-    from tdm.tiny.flux import build_tiny_flux
-
-    return build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux-schnell"),
-                           guidance_embeds=False)
+tiny_dev = tiny_pipeline("flux", "tiny-flux-dev")
+tiny_schnell = tiny_pipeline("flux", "tiny-flux-schnell", guidance_embeds=False)
 
 
 def _backbone(path):
@@ -100,18 +89,9 @@ def test_path_is_the_schedulers_sigmas_at_the_training_resolution(flux, schnell,
 
 
 def test_flow_conversion_round_trips_with_the_real_model(flux):
-    net = flux.load_denoiser()
-    cond = flux.encode_prompts(PROMPTS)
     torch.manual_seed(0)
-    x_t, t = torch.randn(2, *LATENT), torch.tensor([999, 300])
-    v = flux.model_output(net, x_t, t, cond)
-    assert v.shape == x_t.shape
-    x0, eps = flux.denoiser(net)(x_t, t, cond)
-    alpha, sigma = flux.path.alpha_sigma(t, 4)
-    torch.testing.assert_close(alpha * x0 + sigma * eps, x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps - x0, v, atol=1e-5, rtol=1e-5)   # velocity = ε − x0
-    torch.testing.assert_close(eps[0], x_t[0])                      # σ = 1: all noise
-    assert v.abs().mean() > 0.1
+    x_t = torch.randn(2, *LATENT)
+    net, cond, t, v = check_flow_conversion(flux, x_t)
     # the packed call by hand, as FluxPipeline makes it
     from diffusers import FluxPipeline
 
@@ -130,26 +110,16 @@ def test_stock_pipeline_reproduces_the_training_rollout(tiny_dev, tiny_schnell, 
                                                         variant, timesteps, guidance):
     """FlowMatch Euler on u = (τ + 1)/1000, shifted by the pipeline's own μ (stock scheduler,
     stock pipeline, guidance_scale = the student's guidance) == the TDM rollout."""
-    from infer_tdm import sample_student, student_pipeline
-
     folder, bb = (tiny_dev, flux) if variant == "dev" else (tiny_schnell, schnell)
-    pipe, _ = student_pipeline(folder, None, 1.0, torch.float32, "cpu")
     torch.manual_seed(1)
     z = torch.randn(2, *LATENT)
     before = bb.student_guidance
     bb.student_guidance = guidance
     try:
-        out = sample_student(pipe, bb, PROMPTS, timesteps, latents=pack(z), height=32, width=32,
-                             guidance_scale=guidance, output_type="latent").images
-        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-        torch.testing.assert_close(pipe.scheduler.sigmas, torch.cat([bb.path.sigma[timesteps],
-                                                                     torch.zeros(1)]), atol=0, rtol=0)
-        traj = TDM(bb.path, StepGrid(timesteps), TDMConfig()).rollout(
-            bb.denoiser(pipe.transformer), z, bb.encode_prompts(PROMPTS))
+        check_rollout_equals_pipeline(folder, bb, timesteps, z, pack=pack, unpack=unpack,
+                                      guidance_scale=guidance)
     finally:
         bb.student_guidance = before
-    torch.testing.assert_close(unpack(out).float(), traj.sample, atol=1e-4, rtol=1e-4)
-    assert (unpack(out) - z).abs().max() > 0.1
 
 
 def test_guidance_embedded_teacher_target_is_one_call_with_cfg_as_guidance(flux):
@@ -223,17 +193,7 @@ def test_train_script_refuses_a_misfit_before_loading_weights(tiny_dev, tmp_path
 
 @pytest.fixture(scope="session")
 def student_lora(flux, tmp_path_factory):
-    """A random LoRA student (alpha ≠ rank, so a lost header would show) exported as training does."""
-    net = flux.load_denoiser()
-    attach_lora(net, 4, 8, flux.lora_target_modules)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        for name, p in net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("lora")
-    save_lora(net, str(folder), flux.lora_prefix)
-    return net, str(folder)
+    return exported_lora_student(flux, tmp_path_factory.mktemp("lora"))
 
 
 def _stock_pipe(model, lora, scale=1.0):
@@ -259,31 +219,12 @@ def test_stock_pipeline_loads_the_lora_and_honours_its_scale(tiny_dev, flux, stu
     pipe = _stock_pipe(tiny_dev, folder)
     assert _sample(pipe)[0].size == (32, 32)
     # scale 1 reproduces the trained network (rank, alpha and keys survived the export)
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([700]), flux.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(flux.model_output(pipe.transformer, x, t, cond),
-                               flux.model_output(net, x, t, cond), atol=1e-5, rtol=1e-5)
-    latents = {}
-    for scale in (0.0, 0.5, 1.0):
-        pipe.set_adapters(["tdm"], [scale])
-        latents[scale] = _sample(pipe, "latent")
-    pipe.disable_lora()
-    base = _sample(pipe, "latent")
-    torch.testing.assert_close(latents[0.0], base, atol=1e-6, rtol=0)
-    gap = {scale: (latents[scale] - base).abs().max().item() for scale in (0.5, 1.0)}
-    assert 0 < gap[0.5] < gap[1.0] and gap[1.0] > 1e-3
+    assert_same_network(flux, pipe.transformer, net, LATENT)
+    check_lora_scales(pipe, lambda p: _sample(p, "latent"))
 
 
 def test_full_student_folder_becomes_the_pipeline_transformer(flux, tmp_path):
-    from tdm.sampling import resolve_weights
-
-    net = flux.load_denoiser()
-    with torch.no_grad():
-        net.proj_out.weight.add_(0.1)
-    net.save_pretrained(str(tmp_path / "transformer"))
-    pipe = flux.load_pipeline(torch.float32, resolve_weights(str(tmp_path)))
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([500]), flux.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(flux.model_output(pipe.transformer, x, t, cond),
-                               flux.model_output(net, x, t, cond))
+    check_full_student_becomes_the_transformer(flux, LATENT, tmp_path)
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, accelerate_launch, expect_success, loaded_backbone,
-                      teacher_and_lora_student, tiny_flags)
+from conftest import (ROOT, accelerate_launch, check_full_student_becomes_the_transformer,
+                      expect_success, loaded_backbone, stock_pipeline, teacher_and_lora_student,
+                      tiny_flags)
 from tdm.lora import save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -33,11 +34,7 @@ def sigma(tiny_pixart_sigma):
 
 @pytest.fixture(scope="session")
 def stock(tiny_pixart_sigma):
-    from diffusers import PixArtSigmaPipeline
-
-    pipe = PixArtSigmaPipeline.from_pretrained(tiny_pixart_sigma)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stock_pipeline(tiny_pixart_sigma)
 
 
 def test_tiny_pipeline_loads_and_selects_the_sigma_adapter(stock, sigma):
@@ -128,16 +125,7 @@ def test_lora_export_loads_into_the_stock_pipeline(stock, sigma, tmp_path):
 
 
 def test_full_student_folder_becomes_the_pipeline_transformer(sigma, tmp_path):
-    from tdm.sampling import resolve_weights
-
-    net = sigma.load_denoiser()
-    with torch.no_grad():
-        net.proj_out.weight.add_(0.1)
-    net.save_pretrained(str(tmp_path / "transformer"))
-    pipe = sigma.load_pipeline(torch.float32, resolve_weights(str(tmp_path)))
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([500]), sigma.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(sigma.model_output(pipe.transformer, x, t, cond),
-                               sigma.model_output(net, x, t, cond))
+    check_full_student_becomes_the_transformer(sigma, LATENT, tmp_path)
 
 
 def test_model_fit_checks_name_value_limit_and_fix(sigma):

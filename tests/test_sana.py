@@ -9,20 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, expect_success, loaded_backbone, tiny_flags
-from tdm.lora import attach_lora, save_lora
-from tdm.method import TDM, TDMConfig
+from conftest import (ROOT, accelerate_launch, check_full_student_becomes_the_transformer,
+                      expect_success, loaded_backbone, stock_pipeline, tiny_flags)
+from flow_family import (PROMPTS, assert_same_network, check_flow_conversion,
+                         check_rollout_equals_pipeline, exported_lora_student, tiny_pipeline)
 from tdm.trajectory import StepGrid
 
-PROMPTS = ["a red cat on a mat", "a blue boat at sea"]
 LATENT = (32, 8, 8)   # SANA's 32 latent channels; the tiny DC-AE has factor 4
 
 
-@pytest.fixture(scope="session")
-def tiny_sana(tmp_path_factory):
-    from tdm.tiny.sana import build_tiny_sana
-
-    return build_tiny_sana(str(tmp_path_factory.mktemp("models") / "tiny-sana"))
+tiny_sana = tiny_pipeline("sana")
 
 
 @pytest.fixture(scope="session")
@@ -32,26 +28,12 @@ def sana(tiny_sana):
 
 @pytest.fixture(scope="session")
 def stock(tiny_sana):
-    from diffusers import SanaPipeline
-
-    pipe = SanaPipeline.from_pretrained(tiny_sana)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stock_pipeline(tiny_sana)
 
 
 @pytest.fixture(scope="session")
 def student_lora(sana, tmp_path_factory):
-    """A random LoRA student (alpha ≠ rank, so a lost header would show) exported as training does."""
-    net = sana.load_denoiser()
-    attach_lora(net, 4, 8, sana.lora_target_modules)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        for name, p in net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("lora")
-    save_lora(net, str(folder), sana.lora_prefix)
-    return net, str(folder)
+    return exported_lora_student(sana, tmp_path_factory.mktemp("lora"))
 
 
 def test_tiny_pipeline_loads_and_selects_the_sana_adapter(stock, sana):
@@ -115,36 +97,15 @@ def test_path_is_the_schedulers_shifted_flow_sigmas(stock, sana):
 
 
 def test_flow_conversion_round_trips_with_the_real_model(sana):
-    net = sana.load_denoiser()
-    cond = sana.encode_prompts(PROMPTS)
     torch.manual_seed(0)
-    x_t, t = torch.randn(2, *LATENT), torch.tensor([999, 300])
-    v = sana.model_output(net, x_t, t, cond)
-    x0, eps = sana.denoiser(net)(x_t, t, cond)
-    alpha, sigma = sana.path.alpha_sigma(t, 4)
-    torch.testing.assert_close(alpha * x0 + sigma * eps, x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps - x0, v, atol=1e-5, rtol=1e-5)   # velocity = ε − x0
-    torch.testing.assert_close(eps[0], x_t[0])                      # σ = 1: all noise
-    assert v.abs().mean() > 0.1
+    check_flow_conversion(sana, torch.randn(2, *LATENT))
 
 
 @pytest.mark.parametrize("timesteps", [[999, 749, 499, 249], [899, 674, 449, 224]])
 def test_stock_pipeline_reproduces_the_training_rollout(tiny_sana, sana, timesteps):
     """FlowMatch Euler on the grid's sigmas in the stock SanaPipeline == the TDM rollout."""
-    from infer_tdm import sample_student, student_pipeline
-
-    pipe, _ = student_pipeline(tiny_sana, None, 1.0, torch.float32, "cpu")
     torch.manual_seed(1)
-    z = torch.randn(2, *LATENT)
-    out = sample_student(pipe, sana, PROMPTS, timesteps, latents=z.clone(), height=32, width=32,
-                         output_type="latent").images
-    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    torch.testing.assert_close(pipe.scheduler.sigmas, torch.cat([sana.path.sigma[timesteps],
-                                                                 torch.zeros(1)]), atol=0, rtol=0)
-    traj = TDM(sana.path, StepGrid(timesteps), TDMConfig()).rollout(
-        sana.denoiser(pipe.transformer), z, sana.encode_prompts(PROMPTS))
-    torch.testing.assert_close(out.float(), traj.sample, atol=1e-4, rtol=1e-4)
-    assert (out - z).abs().max() > 0.1
+    check_rollout_equals_pipeline(tiny_sana, sana, timesteps, torch.randn(2, *LATENT))
 
 
 def _latents(pipe, **kwargs):
@@ -160,10 +121,8 @@ def test_lora_loads_with_the_stock_pipelines_lines_and_honours_its_scale(stock, 
     base = _latents(stock)
     stock.load_lora_weights(folder, adapter_name="tdm")
     try:
-        x, t, cond = torch.randn(1, *LATENT), torch.tensor([700]), sana.encode_prompts(PROMPTS[:1])
         stock.set_adapters(["tdm"], [1.0])
-        torch.testing.assert_close(sana.model_output(stock.transformer, x, t, cond),
-                                   sana.model_output(net, x, t, cond), atol=1e-5, rtol=1e-5)
+        assert_same_network(sana, stock.transformer, net, LATENT)
         full = _latents(stock)
         stock.set_adapters(["tdm"], [0.0])
         torch.testing.assert_close(_latents(stock), base, atol=1e-6, rtol=0)
@@ -186,9 +145,7 @@ def test_adapter_loader_and_upstream_sampler(sana, student_lora):
     weights = resolve_weights(folder)
     assert weights == ("lora", os.path.join(folder, "pytorch_lora_weights.safetensors"))
     pipe = sana.load_pipeline(torch.float32, weights, lora_scale=1.0)
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([400]), sana.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(sana.model_output(pipe.transformer, x, t, cond),
-                               sana.model_output(net, x, t, cond), atol=1e-5, rtol=1e-5)
+    assert_same_network(sana, pipe.transformer, net, LATENT, t=400)
     pipe.set_progress_bar_config(disable=True)
     out = sample_student(pipe, sana, PROMPTS[:1], [999, 749, 499, 249], torch.manual_seed(0),
                          height=32, width=32, output_type="np", sampler="upstream", flow_shift=6)
@@ -198,16 +155,7 @@ def test_adapter_loader_and_upstream_sampler(sana, student_lora):
 
 
 def test_full_student_folder_becomes_the_pipeline_transformer(sana, tmp_path):
-    from tdm.sampling import resolve_weights
-
-    net = sana.load_denoiser()
-    with torch.no_grad():
-        net.proj_out.weight.add_(0.1)
-    net.save_pretrained(str(tmp_path / "transformer"))
-    pipe = sana.load_pipeline(torch.float32, resolve_weights(str(tmp_path)))
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([500]), sana.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(sana.model_output(pipe.transformer, x, t, cond),
-                               sana.model_output(net, x, t, cond))
+    check_full_student_becomes_the_transformer(sana, LATENT, tmp_path)
 
 
 def test_model_fit_checks_name_value_limit_and_fix(sana):

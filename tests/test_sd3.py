@@ -8,21 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, loaded_backbone, run_script
-from tdm.lora import attach_lora, save_lora
+from conftest import (ROOT, accelerate_launch, check_full_student_becomes_the_transformer,
+                      loaded_backbone, run_script)
+from flow_family import (PROMPTS, assert_same_network, check_flow_conversion, check_lora_scales,
+                         check_rollout_equals_pipeline, exported_lora_student, tiny_pipeline)
+from tdm.lora import attach_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
 
-PROMPTS = ["a red cat on a mat", "a blue boat at sea"]
 SNIPPET_PROMPT = "A cute panda holding a sign says TDM SOTA!"
 LATENT = (16, 16, 16)
 
 
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory):
-    from tdm.tiny.sd3 import build_tiny_sd3
-
-    return build_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
+tiny_sd3 = tiny_pipeline("sd3")
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +42,7 @@ def sana_scheduler_repo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def student_lora(sd3, tmp_path_factory):
-    """A random LoRA student (alpha ≠ rank, so a lost header would show) exported as training does."""
-    net = sd3.load_denoiser()
-    attach_lora(net, 4, 8, sd3.lora_target_modules)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        for name, p in net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("lora")
-    save_lora(net, str(folder), sd3.lora_prefix)
-    return net, str(folder)
+    return exported_lora_student(sd3, tmp_path_factory.mktemp("lora"))
 
 
 def test_tiny_pipeline_loads_and_selects_the_sd3_adapter(tiny_sd3, sd3):
@@ -93,37 +81,15 @@ def test_path_is_the_schedulers_shifted_sigmas(sd3):
 
 
 def test_flow_conversion_round_trips_with_the_real_model(sd3):
-    net = sd3.load_denoiser()
-    cond = sd3.encode_prompts(PROMPTS)
     torch.manual_seed(0)
-    x_t, t = torch.randn(2, *LATENT), torch.tensor([999, 300])
-    v = sd3.model_output(net, x_t, t, cond)
-    x0, eps = sd3.denoiser(net)(x_t, t, cond)
-    alpha, sigma = sd3.path.alpha_sigma(t, 4)
-    torch.testing.assert_close(alpha * x0 + sigma * eps, x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps - x0, v, atol=1e-5, rtol=1e-5)   # velocity = ε − x0
-    torch.testing.assert_close(eps[0], x_t[0])                      # σ = 1: all noise
-    assert v.abs().mean() > 0.1
+    check_flow_conversion(sd3, torch.randn(2, *LATENT))
 
 
 @pytest.mark.parametrize("timesteps", [[899, 674, 449, 224], [999, 749, 499, 249], [999, 500]])
 def test_stock_pipeline_reproduces_the_training_rollout(tiny_sd3, sd3, timesteps):
     """Euler on the grid's sigmas (stock scheduler, stock pipeline) == the TDM rollout."""
-    from infer_tdm import sample_student, student_pipeline
-
-    pipe, _ = student_pipeline(tiny_sd3, None, 1.0, torch.float32, "cpu")
     torch.manual_seed(1)
-    z = torch.randn(2, *LATENT)
-    out = sample_student(pipe, sd3, PROMPTS, timesteps, latents=z.clone(), height=32, width=32,
-                         output_type="latent").images
-    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    torch.testing.assert_close(pipe.scheduler.sigmas, torch.cat([sd3.path.sigma[timesteps],
-                                                                 torch.zeros(1)]), atol=0, rtol=0)
-    grid = StepGrid(timesteps)
-    traj = TDM(sd3.path, grid, TDMConfig()).rollout(sd3.denoiser(pipe.transformer), z,
-                                                     sd3.encode_prompts(PROMPTS))
-    torch.testing.assert_close(out.float(), traj.sample, atol=1e-4, rtol=1e-4)
-    assert (out - z).abs().max() > 0.1
+    check_rollout_equals_pipeline(tiny_sd3, sd3, timesteps, torch.randn(2, *LATENT))
 
 
 def test_training_losses_reach_only_their_network(sd3):
@@ -180,20 +146,9 @@ def test_upstream_snippet_loads_the_lora_and_honours_its_scale(tiny_sd3, sd3, st
     assert public(pipe.scheduler.config) == reference
 
     # Scale 1 reproduces the trained network (rank, alpha and keys survived the export).
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([700]), sd3.encode_prompts(PROMPTS[:1])
     pipe.set_adapters(["tdm"], [1.0])
-    torch.testing.assert_close(sd3.model_output(pipe.transformer, x, t, cond),
-                               sd3.model_output(net, x, t, cond), atol=1e-5, rtol=1e-5)
-
-    latents = {}
-    for scale in (0.0, 0.125, 1.0):
-        pipe.set_adapters(["tdm"], [scale])
-        latents[scale] = _snippet_sample(pipe, "latent")
-    pipe.disable_lora()
-    base = _snippet_sample(pipe, "latent")
-    torch.testing.assert_close(latents[0.0], base, atol=1e-6, rtol=0)
-    gap = {scale: (latents[scale] - base).abs().max().item() for scale in (0.125, 1.0)}
-    assert 0 < gap[0.125] < gap[1.0] and gap[1.0] > 1e-3
+    assert_same_network(sd3, pipe.transformer, net, LATENT)
+    check_lora_scales(pipe, lambda p: _snippet_sample(p, "latent"), scales=(0.125, 1.0))
 
 
 def test_adapter_load_pipeline_equals_the_snippet(tiny_sd3, sd3, student_lora, sana_scheduler_repo):
@@ -211,16 +166,7 @@ def test_adapter_load_pipeline_equals_the_snippet(tiny_sd3, sd3, student_lora, s
 
 
 def test_full_student_folder_becomes_the_pipeline_transformer(sd3, tmp_path):
-    from tdm.sampling import resolve_weights
-
-    net = sd3.load_denoiser()
-    with torch.no_grad():
-        net.proj_out.weight.add_(0.1)
-    net.save_pretrained(str(tmp_path / "transformer"))
-    pipe = sd3.load_pipeline(torch.float32, resolve_weights(str(tmp_path)))
-    x, t, cond = torch.randn(1, *LATENT), torch.tensor([500]), sd3.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(sd3.model_output(pipe.transformer, x, t, cond),
-                               sd3.model_output(net, x, t, cond))
+    check_full_student_becomes_the_transformer(sd3, LATENT, tmp_path)
 
 
 @pytest.mark.slow

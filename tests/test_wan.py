@@ -11,23 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, expect_success, loaded_backbone, tiny_flags
-from tdm.lora import attach_lora, save_lora
-from tdm.method import TDM, TDMConfig
-from tdm.trajectory import StepGrid
+from conftest import (ROOT, accelerate_launch, expect_success, loaded_backbone, stock_pipeline,
+                      tiny_flags)
+from flow_family import (PROMPTS, check_flow_conversion, check_rollout_equals_pipeline,
+                         exported_lora_student, tiny_pipeline)
 
-PROMPTS = ["a red cat on a mat", "a blue boat at sea"]
 FRAMES = 5          # tiny: 2 latent frames
 SIZE = 32
 LATENT = (16, 2, 4, 4)   # [C, F, h, w] per video, as WanPipeline.prepare_latents
 HAS_VIDEO_ENCODER = any(importlib.util.find_spec(m) for m in ("imageio", "cv2"))
 
 
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory):
-    from tdm.tiny.wan import build_tiny_wan
-
-    return build_tiny_wan(str(tmp_path_factory.mktemp("models") / "tiny-wan"))
+tiny_wan = tiny_pipeline("wan")
 
 
 @pytest.fixture(scope="session")
@@ -37,26 +32,12 @@ def wan(tiny_wan):
 
 @pytest.fixture(scope="session")
 def pipe(tiny_wan):
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(tiny_wan)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stock_pipeline(tiny_wan)
 
 
 @pytest.fixture(scope="session")
 def student_lora(wan, tmp_path_factory):
-    """A random LoRA student (alpha ≠ rank, so a lost alpha would show), exported as training does."""
-    net = wan.load_denoiser()
-    attach_lora(net, 4, 8, wan.lora_target_modules)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        for name, p in net.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("lora")
-    save_lora(net, str(folder), wan.lora_prefix)
-    return net, str(folder)
+    return exported_lora_student(wan, tmp_path_factory.mktemp("lora"))
 
 
 def _noise(batch=2, seed=1):
@@ -130,37 +111,16 @@ def test_the_shift_is_read_from_either_kind_of_flow_scheduler():
 
 
 def test_flow_conversion_round_trips_with_the_real_model(wan):
-    net = wan.load_denoiser()
-    cond = wan.encode_prompts(PROMPTS)
-    x_t, t = _noise(), torch.tensor([999, 300])
-    v = wan.model_output(net, x_t, t, cond)
-    x0, eps = wan.denoiser(net)(x_t, t, cond)
-    alpha, sigma = wan.path.alpha_sigma(t, x_t.ndim)
-    torch.testing.assert_close(alpha * x0 + sigma * eps, x_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps - x0, v, atol=1e-5, rtol=1e-5)     # velocity = ε − x0
-    torch.testing.assert_close(eps[0], x_t[0])                        # σ = 1: all noise
-    assert v.abs().mean() > 0.1 and (v[0] - v[1]).abs().max() > 1e-3
+    _, _, _, v = check_flow_conversion(wan, _noise())
+    assert (v[0] - v[1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("timesteps", [[999, 749, 499, 249], [999, 856, 665, 399], [899, 449]])
 def test_stock_pipeline_reproduces_the_training_rollout(tiny_wan, wan, timesteps):
     """Euler of the stock FlowMatchEulerDiscreteScheduler on the grid's sigmas, in the stock
     WanPipeline, == the TDM rollout (docs/method.md §2, §7)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from infer_tdm import sample_student, student_pipeline
-
-    student, _ = student_pipeline(tiny_wan, None, 1.0, torch.float32, "cpu")
-    z = _noise()
-    out = sample_student(student, wan, PROMPTS, timesteps, latents=z.clone(), height=SIZE, width=SIZE,
-                         output_type="latent", num_frames=FRAMES).frames
-    assert type(student.scheduler) is FlowMatchEulerDiscreteScheduler
-    torch.testing.assert_close(student.scheduler.sigmas,
-                               torch.cat([wan.path.sigma[timesteps], torch.zeros(1)]), atol=1e-7, rtol=0)
-    traj = TDM(wan.path, StepGrid(timesteps), TDMConfig()).rollout(
-        wan.denoiser(student.transformer), z, wan.encode_prompts(PROMPTS))
-    torch.testing.assert_close(out.float(), traj.sample, atol=1e-4, rtol=1e-4)
-    assert (out - z).abs().max() > 0.1
+    check_rollout_equals_pipeline(tiny_wan, wan, timesteps, _noise(), sigma_atol=1e-7,
+                                  num_frames=FRAMES)
 
 
 def test_upstream_sampler_is_the_shipped_unipc_with_flow_shift(tiny_wan, wan):

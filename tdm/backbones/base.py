@@ -232,6 +232,12 @@ class Backbone:
     step_embedding_site: str = "time_embedding"
 
     # -- inference ------------------------------------------------------------------------
+    def stock_pipeline_class(self):
+        """The diffusers class of `pipeline_class_names[0]`, the family's stock pipeline."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_names[0])
+
     def load_pipeline(self, dtype, weights: Optional[str] = None, lora_scale: float = 1.0):
         """A stock diffusers pipeline of the teacher with the student applied."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ s·u / (1 + (s − 1)·u) with s = e^μ. The path is therefore fixed per trainin
 
     σ_t = the scheduler's σ((t + 1)/1000) under that μ,  α_t = 1 − σ_t,
 
-so σ_999 = 1 (pure noise), as for SD3 (tdm/backbones/sd3.py explains the index convention).
+so σ_999 = 1 (pure noise), as for SD3 (tdm/backbones/flow.py explains the index convention).
 FLUX.1-schnell's scheduler has a fixed shift (1: no shift) and ignores μ: the same code gives its
 path. The stock FluxPipeline sampling at the training resolution computes the same μ, so given
 the grid as `sigmas=[(τ + 1)/1000]` it steps on exactly the training sigmas (`use_training_grid`);
@@ -36,7 +36,7 @@ import torch
 
 from ..method import GUIDANCE   # the condition key of the guidance value
 from ..path import GaussianPath
-from .base import Backbone
+from .flow import FlowMatchingBackbone, sampling_scheduler
 
 DEFAULT_STUDENT_GUIDANCE = 1.0  # docs/method.md §5.1: the student samples with guidance 1 (§7)
 T5_LIMIT = 512                  # FluxPipeline.check_inputs refuses longer T5 sequences
@@ -58,17 +58,6 @@ def shift_mu(scheduler_config, seq_len: int) -> float:
                            scheduler_config.get("max_shift", 1.15))
 
 
-def sampling_scheduler(scheduler_config):
-    """The stock FlowMatchEulerDiscreteScheduler of the model, deterministic and without the
-    schedule reshaping options (terminal stretch, Karras/exponential/beta sigmas) that would move
-    a given sigma off the path; the resolution shift (dynamic or fixed) is kept."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(
-        scheduler_config, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
-        use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
-
-
 def flux_path(scheduler_config, mu: float) -> GaussianPath:
     """α_t = 1 − σ_t, σ_t = the scheduler's shifted sigma of u = (t + 1)/1000 under `mu`
     (docs/method.md §1), computed by the scheduler's own set_timesteps, so that the stock pipeline
@@ -80,10 +69,11 @@ def flux_path(scheduler_config, mu: float) -> GaussianPath:
     return GaussianPath(1.0 - sigma, sigma)
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(FlowMatchingBackbone):
     name = "flux"
     pipeline_class_names = ("FluxPipeline",)
-    prediction_type = "flow"
+    denoiser_class_name = "FluxTransformer2DModel"
+    text_encoder_names = ("text_encoder", "text_encoder_2")   # CLIP (pooled) and T5
     # The attention projections of both block kinds (double-stream: image and context streams;
     # single-stream: to_q/k/v), as in diffusers' FLUX LoRA examples; FluxPipeline.load_lora_weights
     # reads them back.
@@ -145,35 +135,8 @@ class FluxBackbone(Backbone):
             self.student_guidance = float(student_guidance)
         return self.guidance_embedding
 
-    # -- models ---------------------------------------------------------------------------
-    def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel.from_pretrained(
-            self.model_path, subfolder=self.denoiser_subfolder, variant=self.variant, dtype=dtype,
-            revision=self.revision)
-
-    def load_text_encoders(self, device, dtype) -> None:
-        """The pipeline's CLIP and T5 tokenizers and encoders, without transformer, VAE and
-        scheduler: its own encode_prompt then embeds prompts exactly as inference does."""
-        from diffusers import FluxPipeline
-
-        self.text_pipeline = FluxPipeline.from_pretrained(
-            self.model_path, transformer=None, vae=None, scheduler=None, dtype=dtype,
-            variant=self.variant, revision=self.revision)
-        for name in ("text_encoder", "text_encoder_2"):
-            getattr(self.text_pipeline, name).requires_grad_(False).eval().to(device)
-
-    def offload_text_encoders(self) -> None:
-        for name in ("text_encoder", "text_encoder_2"):
-            getattr(self.text_pipeline, name).to("cpu")
-
-    def load_vae(self, device, dtype) -> None:
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(self.model_path, subfolder="vae", dtype=dtype,
-                                                 revision=self.revision)
-        self.vae.requires_grad_(False).eval().to(device)
+    # Models, text encoders, VAE, decode (z / scaling_factor + shift_factor, as FluxPipeline after
+    # unpacking) and the stock pipeline with the student: FlowMatchingBackbone's.
 
     # -- data -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,19 +155,11 @@ class FluxBackbone(Backbone):
         size = resolution // self.vae_scale_factor
         return (self.denoiser_config["in_channels"] // 4, size, size)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """As FluxPipeline after unpacking: z / scaling_factor + shift_factor, then the VAE."""
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
-
     # -- network call ---------------------------------------------------------------------
     def timestep(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """The transformer's time input for path indices t as FluxPipeline computes it: the
         scheduler's timestep σ_t · 1000 in the latent dtype, divided by 1000."""
-        total = self.scheduler.config.num_train_timesteps
-        return (self.path.sigma.to(t.device)[t.long()] * total).to(dtype) / total
+        return super().timestep(t).to(dtype) / self.num_train_timesteps
 
     def guidance(self, cond: dict, batch: int, device) -> Optional[torch.Tensor]:
         """The guidance input ([B], float32 as in FluxPipeline): the condition's `guidance`, else
@@ -235,31 +190,14 @@ class FluxBackbone(Backbone):
                                             width * self.vae_scale_factor, self.vae_scale_factor)
 
     # -- inference ------------------------------------------------------------------------
-    def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
-        """The stock FluxPipeline with the student: a LoRA through the pipeline's own
-        load_lora_weights / set_adapters, or a full transformer."""
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
-        kind, location = weights if weights else (None, None)
-        extra = {}
-        if kind == "full":
-            extra["transformer"] = FluxTransformer2DModel.from_pretrained(location, dtype=dtype)
-        pipe = FluxPipeline.from_pretrained(self.model_path, dtype=dtype, variant=self.variant,
-                                            revision=self.revision, **extra)
-        if kind == "lora":
-            pipe.load_lora_weights(location, adapter_name="tdm")
-            pipe.set_adapters(["tdm"], [lora_scale])
-        return pipe
-
     def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
         """The exact training rollout with the stock FlowMatchEulerDiscreteScheduler (docs/method.md
-        §7): its Euler step x + (σ' − σ)·v is the DDIM move of §2 (see SD3Backbone.use_training_grid),
+        §7): its Euler step x + (σ' − σ)·v is the DDIM move of §2 (tdm/backbones/flow.py),
         ending at σ' = 0 with x̂0. The pipeline is given the unshifted u = (τ + 1)/1000 and shifts
         them itself with μ of the image size it samples, which at the training resolution is the
         path's μ: σ(u) = σ_τ exactly."""
         pipe.scheduler = sampling_scheduler(self.scheduler.config)
-        total = self.scheduler.config.num_train_timesteps
-        return {"sigmas": [(t + 1) / total for t in timesteps]}
+        return {"sigmas": self.training_sigmas(timesteps)}
 
     def use_upstream_sampler(self, pipe, num_inference_steps: int, flow_shift: Optional[float] = None) -> dict:
         """No TDM release covers FLUX: the stock pipeline's own sampler (FlowMatch Euler on
@@ -269,6 +207,3 @@ class FluxBackbone(Backbone):
             pipe.scheduler = sampling_scheduler({**self.scheduler.config, "shift": flow_shift,
                                                  "use_dynamic_shifting": False})
         return {"num_inference_steps": num_inference_steps}
-
-    def pipeline_kwargs(self, num_frames=None) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}

@@ -52,9 +52,8 @@ class PixArtBackbone(Backbone):
             **self._load_kwargs())
 
     def load_text_encoders(self, device, dtype) -> None:
-        from diffusers import PixArtAlphaPipeline
-
-        self.text_pipeline = self.t5_text_pipeline(PixArtAlphaPipeline, device, dtype)
+        """The stock pipeline's own encode_prompt, as inference (docs/method.md §7)."""
+        self.text_pipeline = self.t5_text_pipeline(self.stock_pipeline_class(), device, dtype)
 
     def offload_text_encoders(self) -> None:
         self.text_pipeline.text_encoder.to("cpu")
@@ -94,10 +93,10 @@ class PixArtBackbone(Backbone):
 
     # -- inference ------------------------------------------------------------------------
     def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
-        """PixArtAlphaPipeline with the student. PixArtAlphaPipeline has no LoRA loader, so the
-        transformer is loaded as a subclass with diffusers' PEFT mixin and the LoRA goes in
-        through `transformer.load_lora_adapter`."""
-        from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+        """The stock pipeline (`pipeline_class_names[0]`: PixArtAlphaPipeline) with the student.
+        The PixArt pipelines have no LoRA loader, so the transformer is loaded as a subclass with
+        diffusers' PEFT mixin and the LoRA goes in through `transformer.load_lora_adapter`."""
+        from diffusers import PixArtTransformer2DModel
 
         kind, location = weights if weights else (None, None)
         kw = self._load_kwargs()
@@ -106,8 +105,8 @@ class PixArtBackbone(Backbone):
         else:
             transformer = _transformer_with_lora_loader().from_pretrained(
                 self.model_path, subfolder="transformer", dtype=dtype, variant=self.variant, **kw)
-        pipe = PixArtAlphaPipeline.from_pretrained(self.model_path, transformer=transformer,
-                                                   dtype=dtype, variant=self.variant, **kw)
+        pipe = self.stock_pipeline_class().from_pretrained(self.model_path, transformer=transformer,
+                                                     dtype=dtype, variant=self.variant, **kw)
         if kind == "lora":
             pipe.transformer.load_lora_adapter(location, adapter_name="tdm", prefix=self.lora_prefix,
                                                use_safetensors=True)
@@ -120,7 +119,7 @@ class PixArtBackbone(Backbone):
 
     def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
         """A LoRA needs the transformer as a subclass with diffusers' PEFT mixin and
-        `load_lora_adapter` (PixArtAlphaPipeline has no LoRA loader), as `load_pipeline` does."""
+        `load_lora_adapter` (the PixArt pipelines have no LoRA loader), as `load_pipeline` does."""
         if weights_kind != "lora":
             return super().loading_snippet(weights_kind, student_location, timesteps)
         from ..model_card import diffusers_snippet
@@ -131,7 +130,8 @@ class PixArtBackbone(Backbone):
                    "    pass   # the PEFT mixin this diffusers leaves out of the class"]
         load = ["transformer = PixArtTransformerWithLoRA.from_pretrained(base, subfolder=\"transformer\", "
                 "dtype=dtype)",
-                "pipe = PixArtAlphaPipeline.from_pretrained(base, transformer=transformer, dtype=dtype).to(device)",
+                f"pipe = {self.pipeline_class_names[0]}.from_pretrained(base, transformer=transformer, "
+                "dtype=dtype).to(device)",
                 f"pipe.transformer.load_lora_adapter({student_location!r}, adapter_name=\"tdm\", "
                 "prefix=\"transformer\", use_safetensors=True)",
                 "pipe.transformer.set_adapters([\"tdm\"], weights=[1.0])   # LoRA scale"]

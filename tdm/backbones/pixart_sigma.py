@@ -1,6 +1,7 @@
 """PixArt-Σ: PixArt-α's successor (docs/method.md §1). The same PixArtTransformer2DModel,
 ε-prediction with learned-σ channels, T5 text encoder with attention mask and DDPM table with
-linear betas, so everything but the pipeline class and the text length is PixArt-α's adapter:
+linear betas, so everything but the pipeline class and the text length is PixArt-α's adapter
+(which loads, embeds prompts and writes its model-card snippet with `pipeline_class_names[0]`):
 
 - the pipeline is PixArtSigmaPipeline (its encode_prompt is PixArt-α's with 120 → 300 tokens);
 - 300 T5 tokens, the length PixArt-Σ was trained on (the α adapter: 120);
@@ -12,7 +13,7 @@ refuses a transformer config that asks for it rather than silently running witho
 """
 from __future__ import annotations
 
-from .pixart import PixArtBackbone, _transformer_with_lora_loader
+from .pixart import PixArtBackbone
 
 SIGMA_MAX_SEQUENCE_LENGTH = 300   # PixArtSigmaPipeline's default, the length Σ was trained on
 
@@ -21,12 +22,6 @@ class PixArtSigmaBackbone(PixArtBackbone):
     name = "pixart_sigma"
     pipeline_class_names = ("PixArtSigmaPipeline",)
     max_sequence_length = SIGMA_MAX_SEQUENCE_LENGTH
-
-    def load_text_encoders(self, device, dtype) -> None:
-        """PixArtSigmaPipeline's own encode_prompt, as inference (docs/method.md §7)."""
-        from diffusers import PixArtSigmaPipeline
-
-        self.text_pipeline = self.t5_text_pipeline(PixArtSigmaPipeline, device, dtype)
 
     def check_fit(self, args) -> None:
         """PixArt-α's checks, then: at most 300 text tokens; no KV compression asked for."""
@@ -41,29 +36,3 @@ class PixArtSigmaBackbone(PixArtBackbone):
             raise ValueError(f"transformer config key {asked[0]}: KV-compressed attention is not "
                              "implemented by diffusers' PixArtTransformer2DModel; use a checkpoint "
                              "without it (the released PixArt-Σ 512/1024/2K models)")
-
-    def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
-        """PixArtSigmaPipeline with the student, loaded as PixArt-α's (docs/families.md): the
-        pipeline has no LoRA loader, so a LoRA goes in through the transformer's PEFT mixin."""
-        from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
-
-        kind, location = weights if weights else (None, None)
-        kw = self._load_kwargs()
-        if kind == "full":
-            transformer = PixArtTransformer2DModel.from_pretrained(location, dtype=dtype)
-        else:
-            transformer = _transformer_with_lora_loader().from_pretrained(
-                self.model_path, subfolder="transformer", dtype=dtype, variant=self.variant, **kw)
-        pipe = PixArtSigmaPipeline.from_pretrained(self.model_path, transformer=transformer,
-                                                   dtype=dtype, variant=self.variant, **kw)
-        if kind == "lora":
-            pipe.transformer.load_lora_adapter(location, adapter_name="tdm", prefix=self.lora_prefix,
-                                               use_safetensors=True)
-            pipe.transformer.set_adapters(["tdm"], weights=[lora_scale])
-        return pipe
-
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps) -> str:
-        """PixArt-α's model-card snippet (for a LoRA: the transformer with the PEFT mixin) with
-        Σ's pipeline class in its loading lines."""
-        snippet = super().loading_snippet(weights_kind, student_location, timesteps)
-        return snippet.replace("PixArtAlphaPipeline", self.pipeline_class_names[0])

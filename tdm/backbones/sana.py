@@ -4,11 +4,11 @@ a decoder-only text encoder (Gemma-2) behind an instruction prefix, 32× DC-AE l
 
 Path. SANA's scheduler is DPM-Solver++ on flow sigmas (`use_flow_sigmas`, shift `flow_shift`,
 flow prediction v = ε − x0): the same rectified flow as SD3, σ(u) = s·u / (1 + (s − 1)·u). The
-path is therefore SD3's (tdm/backbones/sd3.py, `flow_path`), built from a
+path is therefore SD3's (tdm/backbones/flow.py, `flow_path`), built from a
 FlowMatchEulerDiscreteScheduler with the teacher's shift: σ_t = σ((t + 1)/1000), α_t = 1 − σ_t.
 The network reads σ_t·1000 times the transformer's `timestep_scale`, as SanaPipeline feeds it, and
-the stock pipeline reproduces the rollout with FlowMatch Euler on the grid's sigmas (SD3's
-`use_training_grid`).
+the stock pipeline reproduces the rollout with FlowMatch Euler on the grid's sigmas
+(`FlowMatchingBackbone.use_training_grid`, docs/method.md §7).
 
 Text. SanaPipeline puts its complex human instruction (a fixed prompt-rewriting preamble) in front
 of every prompt, encodes the lot with Gemma and keeps the first token and the last
@@ -24,8 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backbone
-from .sd3 import SD3Backbone, flow_path
+from .flow import FlowMatchingBackbone, flow_path
 
 SANA_PATTERN_FACTOR = 32   # SanaPipeline.check_inputs: height and width divisible by 32
 
@@ -47,10 +46,12 @@ def flow_shift_of(config: dict) -> float:
     return float(config.get("shift", 1.0))
 
 
-class SanaBackbone(Backbone):
+class SanaBackbone(FlowMatchingBackbone):
     name = "sana"
     pipeline_class_names = ("SanaPipeline",)
-    prediction_type = "flow"
+    denoiser_class_name = "SanaTransformer2DModel"
+    vae_class_name = "AutoencoderDC"
+    text_encoder_names = ("text_encoder",)   # Gemma-2
     # Self-attention (linear) and cross-attention projections, as diffusers' SANA LoRA examples
     # (to_q/to_k/to_v) plus the output projections; SanaPipeline.load_lora_weights reads them back.
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -86,32 +87,8 @@ class SanaBackbone(Backbone):
         self.vae_scale_factor = 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
         return vae_config
 
-    # -- models ---------------------------------------------------------------------------
-    def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
-        from diffusers import SanaTransformer2DModel
-
-        return SanaTransformer2DModel.from_pretrained(
-            self.model_path, subfolder=self.denoiser_subfolder, variant=self.variant, dtype=dtype,
-            **self._load_kwargs())
-
-    def load_text_encoders(self, device, dtype) -> None:
-        """SanaPipeline with only its tokenizer and Gemma encoder: its own encode_prompt."""
-        from diffusers import SanaPipeline
-
-        self.text_pipeline = SanaPipeline.from_pretrained(
-            self.model_path, transformer=None, vae=None, scheduler=None, dtype=dtype,
-            variant=self.variant, **self._load_kwargs())
-        self.text_pipeline.text_encoder.requires_grad_(False).eval().to(device)
-
-    def offload_text_encoders(self) -> None:
-        self.text_pipeline.text_encoder.to("cpu")
-
-    def load_vae(self, device, dtype) -> None:
-        from diffusers import AutoencoderDC
-
-        self.vae = AutoencoderDC.from_pretrained(self.model_path, subfolder="vae", dtype=dtype,
-                                                 **self._load_kwargs())
-        self.vae.requires_grad_(False).eval().to(device)
+    # Models: FlowMatchingBackbone's (the denoiser, SanaPipeline with only its tokenizer and
+    # Gemma encoder, so that its own encode_prompt embeds prompts, and the DC-AE).
 
     # -- fit ------------------------------------------------------------------------------
     def check_resolution(self, resolution: int) -> None:
@@ -182,7 +159,7 @@ class SanaBackbone(Backbone):
     # -- network call ---------------------------------------------------------------------
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """SD3's σ_t·1000 times the transformer's timestep_scale (SanaPipeline's input)."""
-        return SD3Backbone.timestep(self, t) * self.denoiser_config.get("timestep_scale", 1.0)
+        return super().timestep(t) * self.denoiser_config.get("timestep_scale", 1.0)
 
     def model_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow')."""
@@ -192,25 +169,10 @@ class SanaBackbone(Backbone):
                       timestep=self.timestep(t), return_dict=False)[0]
 
     # -- inference ------------------------------------------------------------------------
-    def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
-        """The stock SanaPipeline with the student: a LoRA through the pipeline's own
-        load_lora_weights / set_adapters (SanaLoraLoaderMixin), or a full transformer."""
-        from diffusers import SanaPipeline, SanaTransformer2DModel
-
-        kind, location = weights if weights else (None, None)
-        extra = {}
-        if kind == "full":
-            extra["transformer"] = SanaTransformer2DModel.from_pretrained(location, dtype=dtype)
-        pipe = SanaPipeline.from_pretrained(self.model_path, dtype=dtype, variant=self.variant,
-                                            **self._load_kwargs(), **extra)
-        if kind == "lora":
-            pipe.load_lora_weights(location, adapter_name="tdm")
-            pipe.set_adapters(["tdm"], [lora_scale])
-        return pipe
-
-    # FlowMatch Euler on the grid's sigmas (u = (τ + 1)/1000, shifted by the scheduler to σ_τ) is
-    # the DDIM move of docs/method.md §2; derivation in SD3Backbone.use_training_grid.
-    use_training_grid = SD3Backbone.use_training_grid
+    # The stock SanaPipeline with the student (its SanaLoraLoaderMixin's load_lora_weights /
+    # set_adapters, or a full transformer), and FlowMatch Euler on the grid's sigmas
+    # (u = (τ + 1)/1000, shifted by the scheduler to σ_τ), the DDIM move of docs/method.md §2:
+    # FlowMatchingBackbone's load_pipeline and use_training_grid.
 
     def use_upstream_sampler(self, pipe, num_inference_steps: int, flow_shift: Optional[float] = None) -> dict:
         """SANA's own scheduler (DPM-Solver++ 2M on flow sigmas), with `flow_shift` if given."""

@@ -9,7 +9,7 @@ that the model never used, so the path is not read from it. The line x_t = (1 �
 same for every shift; the shift only decides which σ each integer index t stands for. We take the
 teacher's sampling shift s (scheduler config `flow_shift`, or `shift` for a
 FlowMatchEulerDiscreteScheduler; `--backbone_options '{"flow_shift": s}'` overrides) and index the
-path exactly as SD3 does (`sd3.flow_path` on FlowMatchEulerDiscreteScheduler(shift=s)):
+path exactly as SD3 does (`flow.flow_path` on FlowMatchEulerDiscreteScheduler(shift=s)):
 
     σ_t = s·u / (1 + (s − 1)·u),  u = (t + 1)/1000,  α_t = 1 − σ_t,   σ_999 = 1,
 
@@ -18,7 +18,7 @@ steps at that resolution, and a grid whose first step is 999 starts on pure nois
 
 Sampling on the training grid (docs/method.md §7). The Euler step of the stock
 FlowMatchEulerDiscreteScheduler, x' = x + (σ' − σ)·v, is the DDIM move of §2 (see
-`sd3.SD3Backbone.use_training_grid`). WanPipeline.__call__ (diffusers 0.42) takes neither
+tdm/backbones/flow.py). WanPipeline.__call__ (diffusers 0.42) takes neither
 `sigmas=` nor `timesteps=`: it calls `scheduler.set_timesteps(num_inference_steps, device=…)`, so
 the grid's unshifted sigmas (τ + 1)/1000 are bound to that scheduler's own `set_timesteps`
 (functools.partial) and the pipeline is called with num_inference_steps = K.
@@ -30,8 +30,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backbone
-from .sd3 import flow_path
+from .flow import FlowMatchingBackbone, flow_path
 
 WAN_TEXT_LENGTH = 512    # UMT5 tokens: Wan2.1's text_len and WanPipeline's default max_sequence_length
 WAN_NUM_FRAMES = 81      # WanPipeline's default length (the model card's 81 frames, 16 fps)
@@ -50,10 +49,10 @@ def flow_shift_of(scheduler_config: dict) -> float:
     return float(scheduler_config.get("shift", 1.0))
 
 
-class WanBackbone(Backbone):
+class WanBackbone(FlowMatchingBackbone):
     name = "wan"
     pipeline_class_names = ("WanPipeline",)
-    prediction_type = "flow"
+    denoiser_class_name = "WanTransformer3DModel"
     # Self- and cross-attention projections of every block (attn1, attn2), the layers of
     # diffusers' Wan LoRA examples; WanPipeline.load_lora_weights reads them back.
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -78,7 +77,6 @@ class WanBackbone(Backbone):
         # the teacher's own sampler as shipped (UniPC for Wan2.1), for --sampler upstream
         self.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
         self.flow_shift = float(self.options.get("flow_shift", flow_shift_of(config)))
-        self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         self.path = flow_path(FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=self.num_train_timesteps, shift=self.flow_shift))
         self.denoiser_config = WanTransformer3DModel.load_config(
@@ -93,12 +91,8 @@ class WanBackbone(Backbone):
         self.vae_pipeline = None
 
     # -- models ---------------------------------------------------------------------------
-    def load_denoiser(self, dtype=torch.float32) -> torch.nn.Module:
-        from diffusers import WanTransformer3DModel
-
-        return WanTransformer3DModel.from_pretrained(
-            self.model_path, subfolder=self.denoiser_subfolder, variant=self.variant, dtype=dtype,
-            **self._load_kwargs())
+    # The denoiser: FlowMatchingBackbone's. The text encoder and the VAE are held by WanPipelines
+    # built from their parts (WanPipeline has no component to leave out of from_pretrained).
 
     def load_text_encoders(self, device, dtype) -> None:
         """A WanPipeline holding only the tokenizer and the UMT5 encoder, so that training embeds
@@ -114,9 +108,6 @@ class WanBackbone(Backbone):
         text_encoder.requires_grad_(False).eval().to(device)
         self.text_pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None,
                                          scheduler=None, transformer=None)
-
-    def offload_text_encoders(self) -> None:
-        self.text_pipeline.text_encoder.to("cpu")
 
     def load_vae(self, device, dtype) -> None:
         from diffusers import AutoencoderKLWan, WanPipeline
@@ -224,10 +215,7 @@ class WanBackbone(Backbone):
         return (video[:, :, 0].float() / 2 + 0.5).clamp(0, 1)
 
     # -- network call ---------------------------------------------------------------------
-    def timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The network's time input for path indices t: the scheduler's timestep σ_t·1000."""
-        sigma = self.path.sigma.to(t.device)[t.long()]
-        return sigma * self.num_train_timesteps
+    # The time input σ_t·1000: FlowMatchingBackbone.timestep.
 
     def model_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow': x̂0 = x_t − σv, ε̂ = x_t + αv); rotary
@@ -238,21 +226,8 @@ class WanBackbone(Backbone):
                       return_dict=False)[0]
 
     # -- inference ------------------------------------------------------------------------
-    def load_pipeline(self, dtype, weights=None, lora_scale: float = 1.0):
-        """The stock WanPipeline with the student: a LoRA through its own `load_lora_weights`
-        (adapter "tdm" at `lora_scale`), or a full transformer folder."""
-        from diffusers import WanPipeline, WanTransformer3DModel
-
-        kind, location = weights if weights else (None, None)
-        extra = {}
-        if kind == "full":
-            extra["transformer"] = WanTransformer3DModel.from_pretrained(location, dtype=dtype)
-        pipe = WanPipeline.from_pretrained(self.model_path, dtype=dtype, variant=self.variant,
-                                           **extra, **self._load_kwargs())
-        if kind == "lora":
-            pipe.load_lora_weights(location, adapter_name="tdm")
-            pipe.set_adapters(["tdm"], [lora_scale])
-        return pipe
+    # The stock WanPipeline with the student (its own load_lora_weights / set_adapters, or a full
+    # transformer folder): FlowMatchingBackbone.load_pipeline.
 
     def training_grid_scheduler(self, timesteps: List[int]):
         """A stock FlowMatchEulerDiscreteScheduler with the path's shift whose `set_timesteps`
@@ -261,8 +236,8 @@ class WanBackbone(Backbone):
 
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps,
                                                     shift=self.flow_shift)
-        sigmas = [(t + 1) / self.num_train_timesteps for t in timesteps]
-        scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=sigmas)
+        scheduler.set_timesteps = functools.partial(scheduler.set_timesteps,
+                                                    sigmas=self.training_sigmas(timesteps))
         return scheduler
 
     def use_training_grid(self, pipe, timesteps: List[int]) -> dict:
@@ -289,7 +264,7 @@ class WanBackbone(Backbone):
         lines = diffusers_snippet(self, weights_kind, student_location, timesteps,
                                   imports=["import functools"]).rstrip("\n").split("\n")
         at = next(i for i, line in enumerate(lines) if line.startswith("pipe.scheduler = "))
-        sigmas = ", ".join(repr(round((t + 1) / self.num_train_timesteps, 10)) for t in timesteps)
+        sigmas = ", ".join(repr(round(u, 10)) for u in self.training_sigmas(timesteps))
         lines[at + 1:at + 1] = [
             "# the training grid (τ + 1)/1000, shifted by the scheduler; WanPipeline takes no sigmas=",
             f"pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, "

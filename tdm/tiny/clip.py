@@ -1,5 +1,8 @@
-"""A CLIP tokenizer trained locally: byte-level BPE with CLIP's `</w>` end-of-word suffix."""
+"""A CLIP tokenizer trained locally (byte-level BPE with CLIP's `</w>` end-of-word suffix), and the
+2-layer CLIP text encoder of the tiny SD3 and FLUX pipelines."""
 from __future__ import annotations
+
+from typing import Optional
 
 from .common import TINY_PROMPTS
 
@@ -30,3 +33,19 @@ def build_clip_tokenizer(vocab_size: int = 400, model_max_length: int = 77):
     vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def clip_text_encoder(tokenizer, hidden_size: int, projection_dim: Optional[int] = None):
+    """A 2-layer CLIP text encoder over `tokenizer`: CLIPTextModelWithProjection with
+    `projection_dim` (SD3 reads its penultimate hidden state and the projected pooled output),
+    else CLIPTextModel (FLUX reads only its pooled output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    projection = {} if projection_dim is None else {"projection_dim": projection_dim}
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, **projection,
+        hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model(config).eval()

@@ -1,5 +1,6 @@
 """Shared pieces of the tiny test pipelines: a prompt corpus, a T5 tokenizer trained on it
-locally, and weight initialisation that keeps tiny models input-dependent."""
+locally, a 2-layer T5 encoder and a 16-channel VAE (SD3, FLUX), and weight initialisation that
+keeps tiny models input-dependent."""
 
 from __future__ import annotations
 
@@ -119,3 +120,29 @@ def reinit_zero_weights(module: torch.nn.Module, std: float = 0.02) -> list[str]
                 p.normal_(0.0, std)
                 names.append(name)
     return names
+
+
+def t5_text_encoder(tokenizer, d_model: int):
+    """A 2-layer T5EncoderModel over `tokenizer` (SD3's and FLUX's T5 branch)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
+        num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def latent16_vae(scaling_factor: float, shift_factor: float):
+    """A 2-block AutoencoderKL with 16 latent channels (VAE factor 2) and the family's latent
+    normalisation (SD3's and FLUX's VAE layout, scaled down)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, act_fn="silu", latent_channels=16,
+        norm_num_groups=4, sample_size=32, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False).eval()

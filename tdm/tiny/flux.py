@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from .clip import build_clip_tokenizer
-from .common import build_t5_tokenizer, reinit_zero_weights
+from .clip import build_clip_tokenizer, clip_text_encoder
+from .common import build_t5_tokenizer, latent16_vae, reinit_zero_weights, t5_text_encoder
 
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json: resolution-dependent (dynamic)
 # shift, mu interpolated between base_shift at 256 image tokens and max_shift at 4096.
@@ -28,41 +28,6 @@ FLUX_SCHNELL_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dy
 FLUX_VAE_SCALING_FACTOR = 0.3611
 FLUX_VAE_SHIFT_FACTOR = 0.1159
 T5_MAX_LENGTH = 512   # the T5 tokenizer's model_max_length in the FLUX.1 repositories
-
-
-def _clip_text_encoder(tokenizer, hidden_size: int):
-    """A 2-layer CLIPTextModel (FLUX reads only its pooled output)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextModel(config).eval()
-
-
-def _t5_text_encoder(tokenizer, d_model: int):
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
-        num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
-        relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return T5EncoderModel(config).eval()
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, act_fn="silu", latent_channels=16,
-        norm_num_groups=4, sample_size=32, scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
 def _transformer(joint_attention_dim: int, pooled_projection_dim: int, guidance_embeds: bool):
@@ -98,11 +63,11 @@ def build_tiny_flux(path: str, guidance_embeds: bool = True, seed: int = 0) -> s
     tokenizer_2 = build_t5_tokenizer(model_max_length=T5_MAX_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = _clip_text_encoder(tokenizer, clip_hidden)
+        text_encoder = clip_text_encoder(tokenizer, clip_hidden)
         torch.manual_seed(seed + 1)
-        text_encoder_2 = _t5_text_encoder(tokenizer_2, t5_width)
+        text_encoder_2 = t5_text_encoder(tokenizer_2, t5_width)
         torch.manual_seed(seed + 2)
-        vae = _vae()
+        vae = latent16_vae(FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR)
         torch.manual_seed(seed + 3)
         transformer = _transformer(t5_width, clip_hidden, guidance_embeds)
 

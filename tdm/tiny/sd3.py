@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from .clip import build_clip_tokenizer
-from .common import build_t5_tokenizer, reinit_zero_weights
+from .clip import build_clip_tokenizer, clip_text_encoder
+from .common import build_t5_tokenizer, latent16_vae, reinit_zero_weights, t5_text_encoder
 
 # stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json.
 SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
@@ -20,43 +20,6 @@ SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 SD3_VAE_SCALING_FACTOR = 1.5305
 SD3_VAE_SHIFT_FACTOR = 0.0609
 T5_MAX_LENGTH = 256   # StableDiffusion3Pipeline's default max_sequence_length
-
-
-def _clip_text_encoder(tokenizer, hidden_size: int, projection_dim: int):
-    """A 2-layer CLIPTextModelWithProjection (SD3 reads its penultimate hidden state and the
-    projected pooled output)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-        projection_dim=projection_dim, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextModelWithProjection(config).eval()
-
-
-def _t5_text_encoder(tokenizer, d_model: int):
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
-        num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
-        relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return T5EncoderModel(config).eval()
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, act_fn="silu", latent_channels=16,
-        norm_num_groups=4, sample_size=32, scaling_factor=SD3_VAE_SCALING_FACTOR,
-        shift_factor=SD3_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
 def _transformer(joint_attention_dim: int, pooled_projection_dim: int):
@@ -89,13 +52,13 @@ def build_tiny_sd3(path: str, seed: int = 0) -> str:
     tokenizer_3 = build_t5_tokenizer(model_max_length=T5_MAX_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = _clip_text_encoder(tokenizer, clip_hidden, clip_projection)
+        text_encoder = clip_text_encoder(tokenizer, clip_hidden, clip_projection)
         torch.manual_seed(seed + 1)
-        text_encoder_2 = _clip_text_encoder(tokenizer_2, clip_hidden, clip_projection)
+        text_encoder_2 = clip_text_encoder(tokenizer_2, clip_hidden, clip_projection)
         torch.manual_seed(seed + 2)
-        text_encoder_3 = _t5_text_encoder(tokenizer_3, 2 * clip_hidden)
+        text_encoder_3 = t5_text_encoder(tokenizer_3, 2 * clip_hidden)
         torch.manual_seed(seed + 3)
-        vae = _vae()
+        vae = latent16_vae(SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR)
         torch.manual_seed(seed + 4)
         transformer = _transformer(2 * clip_hidden, 2 * clip_projection)
 
