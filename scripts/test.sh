@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-python -m pytest -q "$@"
+# two workers (pytest-xdist): most tests are single-threaded (OMP_NUM_THREADS=1, subprocess start-up)
+python -m pytest -q -n "${TEST_WORKERS:-2}" "$@"

@@ -77,16 +77,52 @@ def backbone(tiny_pixart):
     return loaded_backbone(tiny_pixart)
 
 
+def stock_pipeline(model):
+    """The stock pipeline of a tiny folder (model_index.json's class), progress bar off."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_full_student_becomes_the_transformer(backbone, latent, folder, prompt="a red cat on a mat"):
+    """A full student folder (`transformer/`, as training exports it) is the pipeline's transformer
+    in the adapter's load_pipeline: same output as the student on a random input."""
+    import torch
+
+    from tdm.sampling import resolve_weights
+
+    net = backbone.load_denoiser()
+    with torch.no_grad():
+        net.proj_out.weight.add_(0.1)
+    net.save_pretrained(str(folder / "transformer"))
+    pipe = backbone.load_pipeline(torch.float32, resolve_weights(str(folder)))
+    x, t, cond = torch.randn(1, *latent), torch.tensor([500]), backbone.encode_prompts([prompt])
+    torch.testing.assert_close(backbone.model_output(pipe.transformer, x, t, cond),
+                               backbone.model_output(net, x, t, cond))
+
+
 def run_script(args, cwd=None, timeout=600, env=None):
     """Run a project script in a fresh interpreter; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run(args, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A free TCP port for the rendezvous of several processes (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(script_args, extra_launch=(), timeout=600, processes=1):
     """`accelerate launch train_tdm.py …` on the CPU; several processes are gloo ranks."""
     if processes > 1:   # plain --cpu --num_processes N starts one process only
-        devices, env = ["--multi_gpu", "--num_processes", str(processes)], {"ACCELERATE_USE_CPU": "true"}
+        devices = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        env = {"ACCELERATE_USE_CPU": "true"}
     else:
         devices, env = ["--cpu", "--num_processes", "1"], {}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *devices,
