@@ -41,7 +41,7 @@ from .base import Backbone
 def flow_path(scheduler) -> GaussianPath:
     """α_t = 1 − σ_t, σ_t = the scheduler's shifted training sigma of timestep t + 1 (docs/method.md §1)."""
     if scheduler.config.get("use_dynamic_shifting"):
-        raise ValueError("the SD3 adapter needs a fixed shift (use_dynamic_shifting=False)")
+        raise ValueError("this flow path needs a fixed shift (use_dynamic_shifting=False)")
     sigma = scheduler.sigmas.flip(0)
     if sigma.shape[0] != scheduler.config.num_train_timesteps:
         raise ValueError("expected the scheduler's training sigmas (set_timesteps was called?)")
