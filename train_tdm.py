@@ -12,10 +12,12 @@ and losses in tdm/method.py); this file wires it to accelerate.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from types import SimpleNamespace
@@ -230,7 +232,8 @@ def build(args):
         check_8bit_adam()
 
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
+                                  set_seed)
     from diffusers.optimization import get_scheduler
 
     from tdm.backbones import load_backbone
@@ -245,6 +248,8 @@ def build(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
+        # a collective whose peer died or hangs fails after this long instead of blocking forever
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
@@ -494,6 +499,32 @@ def cli(argv=None) -> int:
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        if not lost_peer(error):
+            raise
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]   # gloo: no source path
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"error: process {rank} of {world} lost contact with the others in a collective "
+                   f"operation ({first_line}): another process died or hung (--ddp_timeout). "
+                   "Restart every process with --resume_from_checkpoint latest", file=sys.stderr)
+        return 1   # (tqdm.write: on a line of its own, not after the progress bar)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process is gone or stalled
+    (gloo: connection reset or closed, or --ddp_timeout expired; NCCL errors that reach Python:
+    by default NCCL's watchdog ends the process itself after --ddp_timeout, with its own message)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
+                                      "Timed out", "timed out"))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_nonfinite", type=int, default=10,
                    help="Stop (with a checkpoint) after this many iterations in a row whose losses "
                    "or gradients were not finite; such updates are skipped.")
+    g.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="Seconds a collective operation (several processes) may wait for the other "
+                   "processes before this one stops with an error instead of hanging.")
     g.add_argument("--seed", type=int, default=None, help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",
@@ -304,6 +307,8 @@ def check_args(args, given=()) -> None:
         raise UsageError("--export_ema needs --use_ema")
     if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.ddp_timeout <= 0:
+        raise UsageError(f"--ddp_timeout must be > 0 seconds, got {args.ddp_timeout}")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
