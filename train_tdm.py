@@ -24,8 +24,8 @@ from types import SimpleNamespace
 
 import torch
 
-from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_output_dir,
-                        parse_args, save_resolved_config)
+from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
+                        check_output_dir, parse_args, save_resolved_config)
 from tdm.data import load_prompts
 
 logger = logging.getLogger("tdm")
@@ -228,6 +228,7 @@ def build(args):
     prompts = load_prompts(args.prompts, args.caption_column)
     grid = StepGrid(args.timesteps)
     check_output_dir(args.output_dir)
+    check_fsdp_launch()
     if args.use_8bit_adam:
         check_8bit_adam()
 

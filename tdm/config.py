@@ -347,6 +347,24 @@ def check_distributed(distributed_type: str, train_mode: str, use_ema: bool = Fa
                          "student); drop --use_ema or train without the FSDP config")
 
 
+def check_fsdp_launch(environ=os.environ) -> None:
+    """Before the Accelerator is built: an FSDP launch config this loop cannot run is one line,
+    not accelerate's traceback (CPU processes) or a silent fallback to plain DDP."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)   # CUDA, XPU, NPU, … (torch ≥ 2.6)
+    has_device = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    if environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not has_device:
+        raise UsageError("the FSDP launch config needs GPUs (accelerate runs no FSDP on CPU "
+                         "processes); launch without --config_file configs/accelerate/fsdp.yaml")
+    if environ.get("FSDP_VERSION", "1") != "1":
+        raise UsageError("fsdp_version 2 is not supported (it needs each model prepared together "
+                         "with its optimiser; TDM prepares both networks first): use fsdp_version: 1 "
+                         "as in configs/accelerate/fsdp.yaml")
+
+
 def check_8bit_adam() -> None:
     try:
         import bitsandbytes as bnb

@@ -150,3 +150,30 @@ def test_distributed_strategies_refused_with_the_fix(strategy, mode, refused):
         return
     with pytest.raises(UsageError, match=refused):
         check_distributed(strategy, mode)
+
+
+@pytest.mark.parametrize("environ, refused", [
+    ({}, None),
+    ({"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "true"}, "the FSDP launch config needs GPUs"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "needs GPUs"),   # this machine has no accelerator
+])
+def test_an_fsdp_launch_this_loop_cannot_run_is_one_line(environ, refused):
+    """accelerate 1.15 either raises deep inside (CPU + fsdp config) or silently runs plain DDP."""
+    from tdm.config import check_fsdp_launch
+
+    if refused is None:
+        check_fsdp_launch(environ)
+        return
+    with pytest.raises(UsageError, match=refused):
+        check_fsdp_launch(environ)
+
+
+def test_fsdp_version_2_is_refused_where_there_are_gpus(monkeypatch):
+    import torch
+
+    from tdm.config import check_fsdp_launch
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)   # as on a GPU machine
+    check_fsdp_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    with pytest.raises(UsageError, match="fsdp_version 2 is not supported"):
+        check_fsdp_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
