@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESOLUTION = {"tiny": 32, "medium": 64, "full": 512}
+LORA_RANK = {"tiny": 4, "medium": 64, "full": 64}   # at most the narrowest layer (tiny: width 16)
 
 
 def parse(argv=None):
@@ -217,6 +218,7 @@ def worker(args) -> dict:
              str(args.batch), "--mixed_precision", args.mixed_precision, "--report_to", "none",
              "--checkpointing_steps", "0", "--validation_steps", "0", "--seed", "0",
              "--cfg", "4.5", "--total_steps", "900", "--use_huber", "--use_separate",
+             "--lora_rank", str(LORA_RANK[args.size]),
              *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *args.extra.split()]
     targs = parse_args(flags)
     run = train_tdm.build(targs)

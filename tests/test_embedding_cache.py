@@ -34,7 +34,7 @@ def test_training_with_cached_embeddings(tiny_pixart, tmp_path):
     out = tmp_path / "run"
     proc = accelerate_launch(["--pretrained_model_name_or_path", tiny_pixart, "--output_dir", str(out),
                               "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2",
-                              "--checkpointing_steps", "0", "--cache_text_embeddings"])
+                              "--checkpointing_steps", "0", "--cache_text_embeddings", "--lora_rank", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [f for _, _, fs in os.walk(out / "text_embeddings") for f in fs]
     assert len(files) >= 32     # every training prompt (assets/prompts.txt) and validation prompt

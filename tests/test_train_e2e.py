@@ -119,7 +119,7 @@ def test_gradient_checkpointing_exports_the_same_lora(tiny_pixart, tmp_path):
 def test_config_file_supplies_defaults_and_the_command_line_wins(tiny_pixart, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"pretrained_model_name_or_path: {tiny_pixart}\nresolution: 32\n"
-                      "max_train_steps: 1\ntrain_batch_size: 4\ncfg: 3.0\nvalidation_steps: 0\n")
+                      "max_train_steps: 1\ntrain_batch_size: 4\ncfg: 3.0\nvalidation_steps: 0\nlora_rank: 4\n")
     out = tmp_path / "run"
     expect_success(accelerate_launch(["--config", str(config), "--output_dir", str(out), "--cfg", "2.0"]))
     import yaml
