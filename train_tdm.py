@@ -83,8 +83,8 @@ def register_checkpoint_hooks(accelerator, networks, states: dict):
         for name, (obj, per_process) in states.items():
             path = state_file(input_dir, name, per_process)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: missing (was the checkpoint written by as many "
-                                        "processes as this run has?)")
+                raise FileNotFoundError(f"{path}: missing (the checkpoint was written by fewer "
+                                        "processes, or by a version that pickled this state)")
             obj.load_state_dict(load_tensors(path))
         if networks.sharded:
             return
