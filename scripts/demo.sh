@@ -2,7 +2,7 @@
 # The README's default job: TDM on a 2-D Gaussian mixture, on CPU in a few minutes.
 #   bash scripts/demo.sh [--ablations] [train_tdm.py flags ...]
 # Pre-trains the teacher (cached in outputs/toy2d/teacher), distils a 4-step student through
-# train_tdm.py, evaluates both by sliced Wasserstein distance, and prints where the results are
+# train_tdm.py, evaluates both by sliced Wasserstein distance and unbiased MMD², and prints where the results are
 # (scripts/toy_benchmark.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,13 +2,20 @@
 """TDM on a 2-D Gaussian mixture, end to end: teacher pre-training (cached), distillation through
 train_tdm.py, and evaluation by sliced Wasserstein distance to fresh ground-truth samples.
 
-    python scripts/toy_benchmark.py --config configs/toy2d.yaml [--ablations] [--unify] [train_tdm.py flags ...]
+    python scripts/toy_benchmark.py --config configs/toy2d.yaml [--seeds 3] [--ablations] [--unify] [train_tdm.py flags ...]
 
 The default job: pre-train the teacher into --pretrained_model_name_or_path, or reuse it
 (tdm.toy.teacher.ensure_teacher), distil the student (train_tdm.py), evaluate every sampler
-(tdm/toy/evaluate.py) and write to the output_dir: toy_eval.json, toy_eval.md (the table in
-docs/benchmarks.md), toy_samples.npz (one array per sampler plus the ground truth) and toy2d.png
-(one scatter panel per sampler).
+(tdm/toy/evaluate.py: SWD and the unbiased MMD², each with its floor, the "ground truth" row) and
+write to the output_dir: toy_eval.json, toy_eval.md (the table in docs/benchmarks.md),
+toy_samples.npz (one array per sampler plus the ground truth) and toy2d.png (one scatter panel
+per sampler).
+
+--seeds N repeats the main rows N times: student s (s = 1 … N−1) is distilled with --seed
+SEED+s into OUTPUT_DIR/seed{s}, and it, the ground truth, the teacher's DDIM on the training
+grid and DDIM 50 are evaluated on evaluation seeds s (tdm.toy.evaluate.seed_of: fresh
+ground truth, reference and noise); the table gives mean ± std over the N. The figure, DDIM 200
+and the experiments below use seed 0 only.
 
 Two experiments on top of it, each in its own part below:
 
@@ -42,8 +49,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tdm.config import RunConfig, UsageError  # noqa: E402
-from tdm.toy.evaluate import (SEEDS, markdown_table, reference_samples, sample_all,  # noqa: E402
-                              sample_step_counts, scatter_panel, swd_table, write_outputs)
+from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, markdown_table, mmd2_table,  # noqa: E402
+                              reference_samples, sample_all, sample_step_counts, scatter_panel,
+                              summarize, swd_table, write_outputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference_factor", type=int, default=5,
                    help="The fresh ground-truth reference has this many times --samples points.")
     p.add_argument("--projections", type=int, default=256)
+    p.add_argument("--mmd_samples", type=int, default=10000,
+                   help="Samples per sampler (and of the reference) for the unbiased MMD² (its cost "
+                   "grows as n²); capped at --samples.")
+    p.add_argument("--mmd_bandwidth", type=float, default=MMD_BANDWIDTH,
+                   help="Gaussian-kernel bandwidth h of the MMD², in the toy's units (the default "
+                   "mixture's mode std).")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="Repeat the main rows with this many students (training seeds SEED, "
+                   "SEED+1, …) and evaluation seeds; the table gives mean ± std (3 for "
+                   "docs/benchmarks.md; 1 keeps the demo within its few minutes).")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this MLP and robust on a busy machine.")
     p.add_argument("--ablations", action="store_true",
@@ -78,10 +96,24 @@ def distil(args: RunConfig) -> float:
 
 
 def student_swd(backbone, args: RunConfig, reference, job) -> dict:
-    """The SWD of the student in args.output_dir at 4 steps and 1 step (students only)."""
+    """The SWD of the student in args.output_dir at 4 steps and 1 step (students only), and
+    under "mmd" their MMD²."""
     samples = sample_all(backbone, backbone.load_student(args.output_dir), args.timesteps, args.cfg,
                          job.samples, students_only=True)
-    return swd_table(samples, reference, job.projections)
+    return {**swd_table(samples, reference, job.projections),
+            "mmd": mmd2_table(samples, reference, job.mmd_samples, job.mmd_bandwidth)}
+
+
+def evaluate(backbone, args: RunConfig, job, repeat: int = 0):
+    """(samples, {"swd": .., "mmd": ..}) of every sampler on evaluation seeds `repeat`: the
+    student in args.output_dir, the teacher's DDIM (50 and 200 steps; 50 only for repeat ≥ 1)
+    and the ground truth (the metrics' floor), against that repeat's fresh reference."""
+    reference = reference_samples(backbone.mixture, job.samples * job.reference_factor, repeat)
+    samples = sample_all(backbone, backbone.load_student(args.output_dir), args.timesteps, args.cfg,
+                         job.samples, repeat=repeat, teacher_steps=(50, 200) if repeat == 0 else (50,))
+    scores = {"swd": swd_table(samples, reference, job.projections),
+              "mmd": mmd2_table(samples, reference, job.mmd_samples, job.mmd_bandwidth)}
+    return samples, reference, scores
 
 
 def run(argv=None) -> dict:
@@ -90,8 +122,11 @@ def run(argv=None) -> dict:
     from tdm.toy.teacher import ensure_teacher
 
     job, train_argv = build_parser().parse_known_args(argv)
-    if job.samples < 1 or job.reference_factor < 1:
-        raise SystemExit("error: --samples and --reference_factor must be >= 1")
+    if job.samples < 1 or job.reference_factor < 1 or job.seeds < 1:
+        raise SystemExit("error: --samples, --reference_factor and --seeds must be >= 1")
+    job.mmd_samples = min(job.mmd_samples, job.samples)
+    if job.mmd_samples < 2 or job.mmd_bandwidth <= 0:
+        raise SystemExit("error: --mmd_samples must be >= 2 and --mmd_bandwidth > 0")
     args = parse_args(["--config", job.config, *train_argv])
     if args.backbone != "toy2d":
         raise UsageError(f"the toy benchmark runs the toy2d backbone, not --backbone {args.backbone}")
@@ -108,13 +143,22 @@ def run(argv=None) -> dict:
     timings["distillation"] = distil(args)
     # 3. evaluation: every sampler against a fresh reference
     start = time.time()
-    reference = reference_samples(backbone.mixture, job.samples * job.reference_factor)
-    samples = sample_all(backbone, backbone.load_student(args.output_dir), args.timesteps, args.cfg,
-                         job.samples)
-    result = {"output_dir": args.output_dir, "samples": job.samples, "reference_samples": len(reference),
-              "projections": job.projections, "seeds": SEEDS, "timesteps": args.timesteps,
-              "swd": swd_table(samples, reference, job.projections)}
+    samples, reference, scores = evaluate(backbone, args, job)
     timings["evaluation"] = time.time() - start
+    result = {"output_dir": args.output_dir, "samples": job.samples, "reference_samples": len(reference),
+              "projections": job.projections, "mmd_samples": job.mmd_samples,
+              "mmd_bandwidth": job.mmd_bandwidth, "seeds": SEEDS, "timesteps": args.timesteps,
+              **scores, "repeats": [{"seed": args.seed, "output_dir": args.output_dir, **scores}]}
+    # 4. --seeds N: N − 1 more students and evaluation seeds, for mean ± std of the main rows
+    for repeat in range(1, job.seeds):
+        variant = args.replace(seed=args.seed + repeat,
+                               output_dir=os.path.join(args.output_dir, f"seed{repeat}"))
+        timings[f"distillation_seed{repeat}"] = distil(variant)
+        start = time.time()
+        _, _, scores = evaluate(backbone, variant, job, repeat)
+        timings[f"evaluation_seed{repeat}"] = time.time() - start
+        result["repeats"].append({"seed": variant.seed, "output_dir": variant.output_dir, **scores})
+    result["summary"] = summarize(result["repeats"])
 
     # the experiments, on the same teacher, reference and evaluation inputs
     if job.ablations:

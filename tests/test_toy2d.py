@@ -35,6 +35,88 @@ def test_swd_sw1_of_point_masses():
     assert sliced_wasserstein(a, b, 50000, p=1) == pytest.approx(2 / math.pi, rel=0.02)
 
 
+def test_mmd2_unbiased_by_hand_on_a_few_points():
+    """k(a, b) = exp(−‖a − b‖²/2) (h = 1). x = {(0,0), (1,0)}, y = {(0,0), (0,1)}: the
+    within-sample pairs are 1 apart (e^{−1/2} each), the four cross pairs have ‖·‖² = 0, 1, 1, 2,
+    so MMD²_u = e^{−1/2} + e^{−1/2} − 2·(1 + 2e^{−1/2} + e^{−1})/4 = e^{−1/2} − ½ − ½e^{−1} < 0
+    (unbiased: it can be negative). y moved far away: the cross term vanishes, MMD²_u = 2e^{−1/2}."""
+    from tdm.toy.evaluate import mmd2_reference_term, mmd2_unbiased
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    e = math.exp
+    assert mmd2_unbiased(x, y, bandwidth=1.0) == pytest.approx(e(-0.5) - 0.5 - 0.5 * e(-1.0), abs=1e-12)
+    far = torch.tensor([[10.0, 0.0], [11.0, 0.0]])
+    assert mmd2_unbiased(x, far, bandwidth=1.0) == pytest.approx(2 * e(-0.5), abs=1e-12)
+    # three points, h = 0.5: k = exp(−2‖·‖²); the chunked upper-triangle sums give the same
+    x3 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    k = lambda d2: e(-2.0 * d2)
+    xx = 2 * (k(1) + k(1) + k(2)) / 6                       # pairs (1,2), (1,3), (2,3)
+    yy = 2 * k(1) / 2
+    xy = (k(0) + k(1) + k(1) + k(2) + k(0) + k(1)) / 6      # x_i against (0,0) and (0,1)
+    for chunk in (1, 2, 2048):
+        assert mmd2_unbiased(x3, y, 0.5, chunk=chunk) == pytest.approx(xx + yy - 2 * xy, abs=1e-12)
+    assert mmd2_unbiased(x3, y, 0.5, y_term=mmd2_reference_term(y, 0.5)) == pytest.approx(xx + yy - 2 * xy)
+    with pytest.raises(ValueError):
+        mmd2_unbiased(x[:1], y)
+
+
+def test_mmd2_floor_is_far_below_a_small_change_of_the_modes():
+    """Two independent samples of one mixture score ~0; modes 20 % wider score far more."""
+    from tdm.toy.evaluate import mmd2_unbiased
+    from tdm.toy.mixture import GaussianMixture
+
+    mixture = GaussianMixture.from_options({})
+    wider = GaussianMixture.from_options({"std": 0.12})
+    a, b, c = (m.sample(3000, torch.Generator().manual_seed(i))[0]
+               for i, m in enumerate((mixture, mixture, wider)))
+    floor, change = mmd2_unbiased(a, b), mmd2_unbiased(c, b)
+    assert abs(floor) < 0.2 * change, (floor, change)
+
+
+def test_summary_and_table_of_several_seeds():
+    from tdm.toy.evaluate import markdown_table, summarize
+
+    repeats = [{"swd": {"ground_truth": 0.04, "student_4step": 0.05},
+                "mmd": {"ground_truth": 0.0, "student_4step": 0.002}},
+               {"swd": {"ground_truth": 0.06, "student_4step": 0.07},
+                "mmd": {"ground_truth": 0.0, "student_4step": 0.004}}]
+    summary = summarize(repeats)
+    assert summary["swd"]["student_4step"] == pytest.approx([0.06, math.sqrt(2) * 0.01, 2])
+    table = markdown_table({"samples": 10, "projections": 4, "mmd_samples": 10, "mmd_bandwidth": 0.1,
+                            "swd": repeats[0]["swd"], "repeats": repeats})
+    assert "| TDM student 4 steps | 4 | 0.0600 ± 0.0141 | 3.000 ± 1.414 | 2 |" in table
+
+
+def test_other_mixtures_grid_per_mode_std_and_weights_build(tmp_path):
+    """configs/toy2d_*.yaml: their mixtures build, sample with their own widths and weights,
+    and load as a toy2d backbone (on a small teacher)."""
+    import yaml
+
+    from tdm.toy.mixture import GaussianMixture
+
+    grid = GaussianMixture.from_options({"grid": {"rows": 2, "cols": 3, "spacing": 2.0}, "std": 0.1})
+    assert grid.means.tolist() == [[-2, -1], [0, -1], [2, -1], [-2, 1], [0, 1], [2, 1]]
+    mixture = GaussianMixture.from_options({"means": [[0, 0], [5, 0]], "std": [0.1, 1.0],
+                                            "weights": [3, 1]})
+    points, component = mixture.sample(8000, torch.Generator().manual_seed(0))
+    assert (component == 0).float().mean() == pytest.approx(0.75, abs=0.02)
+    for c, std in ((0, 0.1), (1, 1.0)):
+        assert points[component == c].std(0).mean() == pytest.approx(std, rel=0.05)
+    with pytest.raises(ValueError):
+        GaussianMixture.from_options({"means": [[0, 0], [5, 0]], "std": [0.1, 0.2, 0.3]})
+    configs = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                     if f.startswith("toy2d_") and f.endswith(".yaml"))
+    assert len(configs) >= 2
+    for i, name in enumerate(configs):
+        config = yaml.safe_load(open(os.path.join(ROOT, "configs", name)))
+        mix = config["backbone_options"]["mixture"]
+        assert config["backbone_options"]["network"] == yaml.safe_load(open(os.path.join(
+            ROOT, "configs", "toy2d.yaml")))["backbone_options"]["network"]
+        bb = toy(tmp_path / str(i), **mix)
+        assert bb.mixture.means.shape[0] == GaussianMixture.from_options(mix).means.shape[0] > 1
+
+
 def toy(tmp_path, **mixture):
     """The toy backbone on a small teacher, pre-trained explicitly into tmp_path/teacher first."""
     from tdm.backbones import load_backbone

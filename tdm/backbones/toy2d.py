@@ -8,8 +8,11 @@ A folder without a teacher, or with one trained for other options, is a UsageErr
 command.
 
 Options (`--backbone_options`, or `backbone_options:` in a config):
-    mixture: {circle: {modes: 8, radius: 2.0}, std: 0.1}   # or means: [[x, y], ...]; weights;
-                                                           # conditional: true or labels: [...]
+    mixture: {circle: {modes: 8, radius: 2.0}, std: 0.1}   # or means: [[x, y], ...] or grid:
+                                                           # {rows, cols, spacing}; std: one or
+                                                           # one per mode; weights; conditional:
+                                                           # true or labels: [...]
+    (configs/toy2d_grid.yaml and configs/toy2d_asym.yaml are two other mixtures)
     network: {hidden: 128, depth: 3, time_channels: 64}
     teacher: {steps: 4000, batch_size: 2048, lr: 2.0e-3, label_dropout: 0.1, ema: 0.995, seed: 0}
 Prompts are class labels ("0".."M-1" by default) for a conditional mixture, "" is the empty

@@ -1,4 +1,4 @@
-"""The toy's data: an isotropic Gaussian mixture in 2-D, unconditional or with class labels."""
+"""The toy's data: a mixture of isotropic Gaussians in 2-D, unconditional or with class labels."""
 from __future__ import annotations
 
 import math
@@ -10,19 +10,28 @@ import torch
 
 @dataclass
 class GaussianMixture:
-    """Isotropic Gaussian mixture in 2-D; `labels` names the components of a conditional one."""
+    """Mixture of isotropic Gaussians in 2-D, one std per component (all equal by default);
+    `labels` names the components of a conditional one."""
 
     means: torch.Tensor            # [M, 2]
-    std: float
+    std: torch.Tensor              # [M]
     weights: torch.Tensor          # [M], sums to 1
     labels: Optional[List[str]] = None
 
     @classmethod
     def from_options(cls, options: dict) -> "GaussianMixture":
-        """`means: [[x, y], ...]` or `circle: {modes, radius}`; `std`; optional `weights`;
+        """`means: [[x, y], ...]`, `circle: {modes, radius}` or `grid: {rows, cols, spacing}`
+        (centred on 0); `std`: one number or one per mode; optional `weights` (normalised);
         `conditional: true` (labels "0".."M-1") or explicit `labels: [...]`."""
         if "means" in options:
             means = torch.tensor(options["means"], dtype=torch.float32).reshape(-1, 2)
+        elif "grid" in options:
+            grid = options["grid"]
+            rows, cols = int(grid.get("rows", 3)), int(grid.get("cols", grid.get("rows", 3)))
+            spacing = float(grid.get("spacing", 1.0))
+            y, x = torch.meshgrid(torch.arange(rows) - (rows - 1) / 2,
+                                  torch.arange(cols) - (cols - 1) / 2, indexing="ij")
+            means = (spacing * torch.stack([x.reshape(-1), y.reshape(-1)], 1)).float()
         else:
             circle = options.get("circle", {})
             modes, radius = int(circle.get("modes", 8)), float(circle.get("radius", 2.0))
@@ -31,12 +40,16 @@ class GaussianMixture:
         weights = torch.tensor(options.get("weights") or [1.0] * len(means), dtype=torch.float32)
         if weights.shape != (len(means),) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"mixture weights must be {len(means)} non-negative numbers")
+        std = torch.tensor(options.get("std", 0.1), dtype=torch.float32).reshape(-1)
+        std = std.expand(len(means)).clone() if std.numel() == 1 else std
+        if std.shape != (len(means),) or (std <= 0).any():
+            raise ValueError(f"mixture std must be one positive number or {len(means)} of them")
         labels = options.get("labels")
         if labels is None and options.get("conditional"):
             labels = [str(i) for i in range(len(means))]
         if labels is not None and len(labels) != len(means):
             raise ValueError(f"mixture has {len(means)} means but {len(labels)} labels")
-        return cls(means, float(options.get("std", 0.1)), weights / weights.sum(),
+        return cls(means, std, weights / weights.sum(),
                    [str(label) for label in labels] if labels is not None else None)
 
     @property
@@ -48,4 +61,4 @@ class GaussianMixture:
         """(points [n, 2], component index [n])."""
         component = torch.multinomial(self.weights, n, replacement=True, generator=rng)
         noise = torch.randn((n, 2), generator=rng)
-        return self.means[component] + self.std * noise, component
+        return self.means[component] + self.std[component, None] * noise, component
