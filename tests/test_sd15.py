@@ -78,3 +78,15 @@ def test_load_pipeline_takes_lora_and_full_students(tiny_sd15, tmp_path):
 @pytest.mark.slow
 def test_train_export_and_sample_in_the_stock_pipeline(tiny_sd15, tmp_path):
     check_train_export_sample(tiny_sd15[0], tmp_path, "StableDiffusionPipeline")
+
+
+def test_tiny_clip_tokenizer_is_the_same_on_every_build():
+    """Every tiny CLIP pipeline's tokenizer: built, not trained (a trained BPE broke ties
+    differently in each process, so each test session ran on other token ids)."""
+    from tdm.tiny.clip import build_clip_tokenizer
+
+    a, b = build_clip_tokenizer(), build_clip_tokenizer()
+    assert a.get_vocab() == b.get_vocab() and len(a) > 512
+    ids = a("a red cat sitting on a chair.").input_ids
+    assert ids == b("a red cat sitting on a chair.").input_ids
+    assert a.convert_ids_to_tokens(ids)[1:3] == ["a</w>", "red</w>"]

@@ -1,4 +1,4 @@
-"""A CLIP tokenizer trained locally (byte-level BPE with CLIP's `</w>` end-of-word suffix), and the
+"""A CLIP tokenizer made locally (byte-level BPE with CLIP's `</w>` end-of-word suffix), and the
 2-layer CLIP text encoder of the tiny SD3 and FLUX pipelines."""
 from __future__ import annotations
 
@@ -10,28 +10,34 @@ SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 
 
 def build_clip_tokenizer(vocab_size: int = 400, model_max_length: int = 77):
-    """transformers' CLIPTokenizer with a vocabulary and merges trained on TINY_PROMPTS.
+    """transformers' CLIPTokenizer with a byte-level BPE built from TINY_PROMPTS, the same on every
+    call (a trained BPE breaks ties differently in each process): the 256 byte symbols, alone and
+    with CLIP's `</w>` end-of-word suffix, then merges that join each prompt word left to right,
+    in sorted order, up to `vocab_size` tokens of merges. Handed over as `vocab` (dict) and
+    `merges` (list of pairs), so that save/load round-trips."""
+    import re
 
-    Trained with the same normalisation and pre-tokenisation that CLIPTokenizer applies, then
-    handed over as `vocab` (dict) and `merges` (list of pairs), so that save/load round-trips.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>",
-                               unk_token=SPECIALS[1]))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  end_of_word_suffix="</w>",
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TINY_PROMPTS * 4, trainer=trainer)
-    import json
-
-    model = json.loads(tok.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    byte_symbol = bytes_to_unicode()
+    alphabet = [byte_symbol[b] for b in sorted(byte_symbol)]
+    tokens = SPECIALS + alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    words = sorted({w for p in TINY_PROMPTS for w in re.findall(r"[a-z]+|[0-9]", p.lower())})
+    for word in words:
+        symbols = [byte_symbol[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        piece = symbols[0]
+        for symbol in symbols[1:]:
+            merged = piece + symbol
+            if merged not in tokens:
+                if len(merges) >= vocab_size:
+                    break
+                merges.append((piece, symbol))
+                tokens.append(merged)
+            piece = merged
+    vocab = {token: i for i, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
