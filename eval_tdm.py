@@ -233,7 +233,8 @@ def run(argv=None) -> int:
     timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),
-                                      num_steps=len(timesteps))
+                                      num_steps=len(timesteps),
+                                      student_guidance=config.get("student_guidance"))
     if config.get("max_sequence_length"):
         backbone.max_sequence_length = config["max_sequence_length"]
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
@@ -261,7 +262,8 @@ def run(argv=None) -> int:
                 generators = [torch.Generator("cpu").manual_seed(args.seed + start + i)
                               for i in range(len(batch))]
                 if name == "student":
-                    images = sample_student(model, backbone, batch, timesteps, generators, 1.0,
+                    images = sample_student(model, backbone, batch, timesteps, generators,
+                                            backbone.sampling_guidance(),
                                             height, width, sampler=args.sampler,
                                             flow_shift=args.flow_shift).images
                 else:
@@ -305,7 +307,8 @@ def run(argv=None) -> int:
         "metrics": status,
         "fid_reference": fid_reference,
         "student": {"weights": args.weights, "kind": weights[0], "timesteps": timesteps,
-                    "steps": len(timesteps), "guidance_scale": 1.0, "sampler": args.sampler,
+                    "steps": len(timesteps), "guidance_scale": backbone.sampling_guidance(),
+                    "sampler": args.sampler,
                     "lora_scale": args.lora_scale},
         "teacher": {"model": model_path, "steps": args.teacher_steps,
                     "guidance_scale": args.teacher_cfg},

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flow shift of the upstream DPM-Solver for rectified-flow models (1–6).")
     p.add_argument("--num_frames", type=int, default=None, help="Video backbones: frames.")
     p.add_argument("--fps", type=int, default=8, help="Video backbones: frames per second.")
-    p.add_argument("--guidance_scale", type=float, default=1.0)
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Default: what the student was trained for (1; FLUX.1-dev: --student_guidance).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
     p.add_argument("--width", type=int, default=None)
@@ -58,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
                      backbone_name: str = "auto", backbone_options: Optional[dict] = None,
-                     num_steps: Optional[int] = None):
+                     num_steps: Optional[int] = None, student_guidance: Optional[float] = None):
     """(stock pipeline of the teacher with the student applied, its backbone adapter). A
-    step-conditioned student (TDM-unify) is conditioned on K = `num_steps`."""
+    step-conditioned student (TDM-unify) is conditioned on K = `num_steps`; a guidance-embedded
+    one (FLUX.1-dev) samples with the `student_guidance` it was trained with."""
     from tdm.backbones import load_backbone
 
     from tdm.config import UsageError
@@ -68,6 +70,8 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
 
     try:
         backbone = load_backbone(model_path, backbone_name, options=backbone_options)
+        if student_guidance is not None:
+            backbone.set_guidance(None, student_guidance)
         skeleton = backbone.denoiser_skeleton() if weights and weights[0] == "lora" else None
         if skeleton is not None:
             check_lora_file(weights[1], skeleton, backbone.lora_prefix)
@@ -171,7 +175,8 @@ def run(argv=None) -> int:
     timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),
-                                      num_steps=len(timesteps))
+                                      num_steps=len(timesteps),
+                                      student_guidance=config.get("student_guidance"))
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
                             else (None, None))
     height = args.height or trained_h
@@ -181,7 +186,8 @@ def run(argv=None) -> int:
     num_frames = args.num_frames or config.get("num_frames")
     teacher_scheduler = pipe.scheduler
     seed = lambda: torch.Generator(device="cpu").manual_seed(args.seed)  # noqa: E731
-    results = [sample_student(pipe, backbone, prompts, timesteps, seed(), args.guidance_scale,
+    guidance = backbone.sampling_guidance() if args.guidance_scale is None else args.guidance_scale
+    results = [sample_student(pipe, backbone, prompts, timesteps, seed(), guidance,
                               height, width, sampler=args.sampler, flow_shift=args.flow_shift,
                               num_frames=num_frames)]
     labels = [f"TDM {len(timesteps)} steps"]

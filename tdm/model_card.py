@@ -106,7 +106,8 @@ def diffusers_snippet(backbone, weights_kind: str, student_location: str, timest
              f"base = {backbone.model_path!r}", *load_lines,
              f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config"
              + (f", {_kwargs(overrides)}" if overrides else "") + ")",
-             f"{'frames' if backbone.is_video else 'image'} = pipe({EXAMPLE_PROMPT!r}, guidance_scale=1.0, "
+             f"{'frames' if backbone.is_video else 'image'} = pipe({EXAMPLE_PROMPT!r}, "
+             f"guidance_scale={backbone.sampling_guidance():g}, "
              f"{_kwargs(call_args)},",
              f"             generator=torch.Generator(\"cpu\").manual_seed(0)).{output}"]
     return "\n".join(lines) + "\n"
@@ -177,10 +178,11 @@ def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None
         ("sampling steps", str(len(timesteps)) + (f" (also {', '.join(map(str, unify))}: TDM-unify)"
                                                    if unify else "")),
         ("step grid (timesteps)", ", ".join(map(str, timesteps))),
-        ("guidance", "1.0 (the student uses no CFG); the teacher's CFG in training: "
-         f"{values.get('cfg')}"),
-        ("sampler", "first-order DPM-Solver++ with `final_sigmas_type=\"zero\"` on the grid (= the "
-         "training rollout)" if backbone.pipeline_class_names else "the training rollout"),
+        ("guidance", f"{backbone.sampling_guidance():g} (the student uses no CFG); the teacher's "
+         + (f"guidance input in training: {values.get('cfg')}" if backbone.guidance_embedding
+            else f"CFG in training: {values.get('cfg')}")),
+        ("sampler", "the snippet's stock scheduler on the training grid (= the training rollout)"
+         if backbone.pipeline_class_names else "the training rollout"),
     ]
     for key, label in (("train_mode", "training mode"), ("max_train_steps", "iterations"),
                        ("train_batch_size", "batch size per process"),

@@ -238,8 +238,9 @@ def test_accelerate_training_exports_a_lora_the_stock_pipeline_samples(tiny_dev,
         tiny_dev, out, 2, "--train_mode", "lora", "--lora_rank", "4", "--learning_rate", "1e-3",
         "--total_steps", "1000", "--cfg", "3.5", "--use_huber", "--use_separate",
         "--train_batch_size", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
-        "--max_sequence_length", str(MAX_LENGTH))))
+        "--max_sequence_length", str(MAX_LENGTH), "--student_guidance", "2.5")))
     assert any((out / "checkpoint-2").glob("*.safetensors"))
+    assert "guidance_scale=2.5," in (out / "README.md").read_text()   # the card samples as trained
     assert (out / "samples" / "step-000002.png").is_file()
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(".attn.add_q_proj.lora_A" in k for k in lora)
@@ -277,3 +278,17 @@ def test_schnell_classifier_free_guidance_matches_the_reference(tiny_schnell, tm
     assert production.run.backbone.guidance_embedding is False and args.cfg != 1.0
     expected = reference(production, [[EQ_PROMPTS[:2]]])
     assert_records_equal(production.iterate([EQ_PROMPTS[:2]]), expected)
+
+
+def test_inference_samples_with_the_guidance_the_student_was_trained_with(tiny_dev, tiny_schnell):
+    """docs/method.md §5.1: a guidance-embedded student is called with its training
+    --student_guidance (read from the run's config.yaml by infer_tdm/eval_tdm); others with 1."""
+    import infer_tdm
+
+    def guidance(model, student_guidance):
+        _, backbone = infer_tdm.student_pipeline(model, None, 1.0, torch.float32, "cpu",
+                                                 student_guidance=student_guidance)
+        return backbone.sampling_guidance()
+
+    assert guidance(tiny_dev, None) == 1.0 and guidance(tiny_dev, 2.5) == 2.5
+    assert guidance(tiny_schnell, None) == 1.0

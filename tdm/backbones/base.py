@@ -135,6 +135,11 @@ class Backbone:
                              "drop them (--cfg is classifier-free guidance here)")
         return False
 
+    def sampling_guidance(self) -> float:
+        """The guidance_scale the stock pipeline is called with for the student: 1 (no CFG:
+        the teacher's guidance is distilled into it, docs/method.md §7)."""
+        return 1.0
+
     def check_positions(self, resolution: int) -> None:
         """A DiT with a fixed table of positions (`pos_embed_max_size`, SD3) takes at most that
         many patches per side."""

@@ -118,6 +118,11 @@ class FluxBackbone(FlowMatchingBackbone):
         config = self._read_json("tokenizer_2", "tokenizer_config.json") or {}
         return min(T5_LIMIT, int(config.get("model_max_length") or T5_LIMIT))
 
+    def sampling_guidance(self) -> float:
+        """FLUX.1-dev: the guidance input the student was trained with (docs/method.md §5.1),
+        which FluxPipeline takes as `guidance_scale`; schnell: 1."""
+        return self.student_guidance if self.has_guidance_embedding else 1.0
+
     def set_guidance(self, embedding: Optional[bool], student_guidance: Optional[float]) -> bool:
         """docs/method.md §5.1: `--guidance_embedding on` and `--student_guidance` need a
         guidance-embedded model (FLUX.1-dev); off runs classifier-free guidance on it. Sets the
