@@ -259,7 +259,7 @@ def test_shortened_unify_job_table_files_and_live_step_condition(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     unify = json.loads((out / "toy2d_unify.json").read_text())
     assert unify["counts"] == [1, 2, 4]
-    assert unify["grids"] == {"1": [599], "2": [599, 299], "4": [599, 449, 299, 149]}
+    assert unify["grids"] == {"1": [449], "2": [449, 224], "4": [449, 336, 224, 111]}   # T = 450
     students = unify["students"]
     assert list(students) == ["unify", "k1", "k2", "k4", "unify_plain", "k4_fake_step"]
     assert students["k4"]["output_dir"] == str(out) and students["k4"]["seconds"] is None  # reused
