@@ -17,6 +17,9 @@ grid and DDIM 50 are evaluated on evaluation seeds s (tdm.toy.evaluate.seed_of: 
 ground truth, reference and noise); the table gives mean ± std over the N. The figure, DDIM 200
 and the experiments below use seed 0 only.
 
+--handoff adds three samplers that hand over between the student and the teacher at τ_1, the
+last step's input (tdm.toy.evaluate.handoff_samples): which step carries the student's error.
+
 Two experiments on top of it, each in its own part below:
 
 --ablations: the default job's flags with one change per row (Ablation), each distilled into
@@ -49,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tdm.config import RunConfig, UsageError  # noqa: E402
-from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, markdown_table, mmd2_table,  # noqa: E402
+from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, handoff_samples, markdown_table, mmd2_table, mode_table,  # noqa: E402
                               reference_samples, sample_all, sample_step_counts, scatter_panel,
                               summarize, swd_table, write_outputs)
 
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "docs/benchmarks.md; 1 keeps the demo within its few minutes).")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this MLP and robust on a busy machine.")
+    p.add_argument("--handoff", action="store_true",
+                   help="Also hand over between student and teacher at the last step's input "
+                   "(tdm.toy.evaluate.handoff_samples): which step carries the student's error.")
     p.add_argument("--ablations", action="store_true",
                    help="Also train and evaluate the ablation variants (README table).")
     p.add_argument("--unify", action="store_true",
@@ -149,6 +155,7 @@ def run(argv=None) -> dict:
               "projections": job.projections, "mmd_samples": job.mmd_samples,
               "mmd_bandwidth": job.mmd_bandwidth, "seeds": SEEDS, "timesteps": args.timesteps,
               **scores, "repeats": [{"seed": args.seed, "output_dir": args.output_dir, **scores}]}
+    result["modes"] = mode_table(samples, backbone.mixture)   # where the errors lie (seed 0)
     # 4. --seeds N: N − 1 more students and evaluation seeds, for mean ± std of the main rows
     for repeat in range(1, job.seeds):
         variant = args.replace(seed=args.seed + repeat,
@@ -161,6 +168,12 @@ def run(argv=None) -> dict:
     result["summary"] = summarize(result["repeats"])
 
     # the experiments, on the same teacher, reference and evaluation inputs
+    if job.handoff:
+        handoff = handoff_samples(backbone, backbone.load_student(args.output_dir), args.timesteps,
+                                  args.cfg, job.samples)
+        result["handoff"] = {"swd": swd_table(handoff, reference, job.projections),
+                             "mmd": mmd2_table(handoff, reference, job.mmd_samples, job.mmd_bandwidth),
+                             "modes": mode_table(handoff, backbone.mixture)}
     if job.ablations:
         result["ablations"] = run_ablations(args, backbone, reference, job)
     if job.unify:

@@ -74,6 +74,27 @@ def test_mmd2_floor_is_far_below_a_small_change_of_the_modes():
     assert abs(floor) < 0.2 * change, (floor, change)
 
 
+def test_mode_statistics_by_hand():
+    """Modes (0, 0) std 0.1 and (1, 0) std 0.2, weights ½ each; four points: two at z = 1 of
+    mode 0, one at z = 2 of mode 1, one at z = 5.59 of mode 1 (z = 11.2 of mode 0): off."""
+    from tdm.toy.evaluate import mode_markdown, mode_statistics
+    from tdm.toy.mixture import GaussianMixture
+
+    mixture = GaussianMixture.from_options({"means": [[0, 0], [1, 0]], "std": [0.1, 0.2]})
+    points = torch.tensor([[0.1, 0.0], [0.0, -0.1], [1.4, 0.0], [0.5, 1.0]])
+    stats = mode_statistics(points, mixture)
+    assert stats["off_mode"] == pytest.approx(0.25)
+    assert stats["weight_error"] == pytest.approx(0.5 * (abs(2 / 3 - 0.5) + abs(1 / 3 - 0.5)))
+    assert stats["width"] == pytest.approx([math.sqrt(0.5), math.sqrt(2.0)])   # √(z²/2): z = 1, 2
+    assert stats["width_mean"] == pytest.approx(0.5 * (math.sqrt(0.5) + math.sqrt(2.0)))
+    truth = mixture.sample(20000, torch.Generator().manual_seed(0))[0]   # the true mixture
+    exact = mode_statistics(truth, mixture)
+    assert exact["off_mode"] < 2e-3 and exact["weight_error"] < 0.02
+    assert exact["width"] == pytest.approx([1.0, 1.0], abs=0.02)
+    assert "| TDM student 4 steps | 25.00 % | 0.1667 | 1.06 (0.71 – 1.41) |" in mode_markdown(
+        {"student_4step": stats})
+
+
 def test_summary_and_table_of_several_seeds():
     from tdm.toy.evaluate import markdown_table, summarize
 
@@ -146,6 +167,26 @@ def test_teacher_is_pretrained_once_and_reused(tmp_path, monkeypatch):
     (tmp_path / "other" / "model_index.json").write_text("{}")
     with pytest.raises(UsageError, match="not empty"):     # never trains over another folder
         teacher.ensure_teacher(str(tmp_path / "other"), SMALL)
+
+
+def test_handoff_samples_hand_over_at_the_last_steps_input(tmp_path):
+    """With the teacher's network as the student, every hand-over is a plain rollout: the
+    student's states up to τ_1 finished by the teacher are the teacher on the joined grid, and
+    the marginal finished by either in one step is the same."""
+    from tdm.toy.evaluate import evaluation_inputs, handoff_samples, seed_of
+    from tdm.trajectory import StepGrid, rollout
+
+    backbone = toy(tmp_path)
+    net = backbone.load_denoiser()
+    out = handoff_samples(backbone, net, [30, 12], 1.0, 64, stride=3)
+    teacher = backbone.denoiser(net.eval())
+    _, cond, noise = evaluation_inputs(backbone, 64)
+    joined = rollout(teacher, noise, cond, StepGrid([30, 12, 9, 6, 3, 0]), backbone.path).sample
+    torch.testing.assert_close(out["student_then_teacher"], joined, rtol=0, atol=0)
+    torch.testing.assert_close(out["marginal_then_student"],
+                               handoff_samples(backbone, net, [30, 12], 1.0, 64, stride=13)["marginal_then_teacher"],
+                               rtol=0, atol=0)   # stride 13: the teacher's finish is the one step [12]
+    assert seed_of("handoff") not in (seed_of(name) for name in ("ground_truth", "reference", "noise"))
 
 
 def test_backbone_only_loads_and_names_the_pretrain_command(tmp_path):
@@ -221,7 +262,7 @@ def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
                        "--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
                        "--output_dir", str(out), "--pretrained_model_name_or_path",
                        str(tmp_path / "teacher"), "--max_train_steps", "300",
-                       "--samples", "4000", "--reference_factor", "2",
+                       "--samples", "4000", "--reference_factor", "2", "--handoff",
                        "--backbone_options", json.dumps({
                            "mixture": {"circle": {"modes": 8, "radius": 2.0}, "std": 0.1},
                            "network": {"hidden": 64, "depth": 2, "time_channels": 32},
@@ -236,6 +277,11 @@ def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
     assert swd["student_4step"] < swd["teacher_ddim4"], swd
     for name in ("toy2d.png", "toy_eval.md", "toy_samples.npz"):
         assert (out / name).is_file()
+    table = (out / "toy_eval.md").read_text()
+    assert set(result["modes"]) == set(swd) and "off every mode" in table
+    assert set(result["handoff"]["swd"]) == {"student_then_teacher", "marginal_then_student",
+                                             "marginal_then_teacher"}
+    assert "hand-over at τ_1 = 111" in table and "then the student's last step" in table
     import numpy as np
 
     arrays = np.load(out / "toy_samples.npz")

@@ -24,7 +24,7 @@ from ..metrics import sliced_wasserstein
 from ..step_condition import find_step_embeddings, set_num_steps
 from ..trajectory import StepGrid, rollout
 
-SEEDS = {"ground_truth": 1, "reference": 2, "noise": 3, "projections": 0}
+SEEDS = {"ground_truth": 1, "reference": 2, "noise": 3, "projections": 0, "handoff": 4}
 SEED_STRIDE = 1000
 MMD_BANDWIDTH = 0.1        # the default mixture's mode std: sensitive to the modes' shape
 SAMPLER_TITLES = {
@@ -102,6 +102,44 @@ def sample_all(backbone, student_net, timesteps: List[int], cfg: float, n: int,
     samples["student_4step"] = rollout(student, noise, cond, grid, path).sample
     samples["student_1step"] = rollout(student, noise, cond, StepGrid(grid.timesteps[:1]), path).sample
     return samples
+
+
+HANDOFF_TITLES = {
+    "student_then_teacher": "student's first K − 1 steps, then teacher DDIM from τ_1",
+    "marginal_then_student": "exact marginal at τ_1, then the student's last step",
+    "marginal_then_teacher": "exact marginal at τ_1, then teacher DDIM from τ_1",
+}
+
+
+@torch.no_grad()
+def handoff_samples(backbone, student_net, timesteps: List[int], cfg: float, n: int,
+                    stride: int = 3) -> dict:
+    """Which of the student's steps carries its error. At τ_1, the last step's input, hand over
+    between the student and the teacher (DDIM every `stride` timesteps from τ_1 to 0):
+
+      student_then_teacher   the student's state x^(1) after its first K − 1 steps, finished by
+                             the teacher: is the last step's *input* right?
+      marginal_then_student  the exact marginal at τ_1, α·x0 + σ·n with x0 the ground truth of
+                             sample_all, finished by the student's last step: is the last step's
+                             *map* right on the input it should see?
+      marginal_then_teacher  the same input finished by the teacher: the floor of both.
+
+    Same noise and labels as sample_all (evaluation seed 0), the teacher with guidance `cfg`;
+    the fresh n has its own seed."""
+    path = backbone.path
+    truth, cond, noise = evaluation_inputs(backbone, n)
+    student = backbone.denoiser(student_net.eval())
+    teacher = guided(backbone.denoiser(backbone.load_denoiser().eval()),
+                     backbone.encode_prompts([""]), cfg)
+    tau_1 = timesteps[-1]
+    finish, last = StepGrid(list(range(tau_1, -1, -stride))), StepGrid([tau_1])
+    x_1 = rollout(student, noise, cond, StepGrid(timesteps), path).states[0]
+    alpha, sigma = path.alpha_sigma(torch.full((n,), tau_1, dtype=torch.long), truth.ndim)
+    fresh = torch.randn(truth.shape, generator=torch.Generator().manual_seed(SEEDS["handoff"]))
+    marginal = alpha * truth + sigma * fresh
+    return {"student_then_teacher": rollout(teacher, x_1, cond, finish, path).sample,
+            "marginal_then_student": rollout(student, marginal, cond, last, path).sample,
+            "marginal_then_teacher": rollout(teacher, marginal, cond, finish, path).sample}
 
 
 @torch.no_grad()
@@ -187,6 +225,36 @@ def swd_table(samples: dict, reference: torch.Tensor, projections: int) -> dict:
             for name, x in samples.items()}
 
 
+def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
+    """Where a sampler's error lies, mode by mode. Each point goes to the mode j nearest in units
+    of that mode's std, z_j = ‖x − μ_j‖/s_j; a point with min_j z_j > `radius` lies off every
+    mode (for a true isotropic 2-D Gaussian P(z > 4) = e^−8 ≈ 3·10⁻⁴). Returns
+
+      off_mode:      the share of points off every mode (bridges, fans, crescents' tips);
+      weight_error:  ½ Σ_j |ŵ_j − w_j|, ŵ_j the share of the on-mode points at mode j;
+      width:         per mode, √(mean z² / 2) of its on-mode points: 1 for the true width
+                     (0.999 for a true Gaussian: the cut at `radius` trims the tail), < 1 narrower;
+      width_mean:    the widths averaged with the mixture's weights.
+    """
+    x = points.double()
+    z = torch.cdist(x, mixture.means.double()) / mixture.std.double()
+    nearest, assigned = z.min(dim=1)
+    on = nearest <= radius
+    counts = torch.bincount(assigned[on], minlength=len(mixture.means)).double()
+    shares = counts / counts.sum().clamp(min=1)
+    sum_z2 = torch.zeros(len(mixture.means), dtype=torch.float64).index_add_(0, assigned[on], nearest[on] ** 2)
+    width = (sum_z2 / counts.clamp(min=1) / 2).sqrt()
+    weights = mixture.weights.double()
+    return {"off_mode": float((~on).double().mean()),
+            "weight_error": float(0.5 * (shares - weights).abs().sum()),
+            "width": width.tolist(), "width_mean": float((weights * width).sum())}
+
+
+def mode_table(samples: dict, mixture) -> dict:
+    """{sampler: mode_statistics} for every sampler."""
+    return {name: mode_statistics(x, mixture) for name, x in samples.items()}
+
+
 # -- outputs --------------------------------------------------------------------------------------
 def scatter_panel(points: np.ndarray, title: str, size: int = 320, extent: float = 3.0):
     """A density scatter of `points` in [-extent, extent]² with a title band (PIL only)."""
@@ -263,7 +331,29 @@ def markdown_table(result: dict) -> str:
             if mmd_head:
                 line += f" {1e3 * row['mmd'][key]:.3f} |" if "mmd" in row else " |"
             lines.append(line + (" 1 |" if seeds > 1 else ""))
+    if result.get("modes"):
+        lines += ["", mode_markdown({**result["modes"], **result.get("handoff", {}).get("modes", {})})]
+    if result.get("handoff"):
+        lines += ["", handoff_markdown(result["handoff"], result["timesteps"][-1])]
     return "\n".join(lines) + "\n"
+
+
+def handoff_markdown(handoff: dict, tau_1: int) -> str:
+    """The handoff_samples' SWD and MMD² (evaluation seed 0)."""
+    lines = [f"| hand-over at τ_1 = {tau_1} (evaluation seed 0) | SWD | MMD² ×10³ |", "|---|---|---|"]
+    for name, swd in handoff["swd"].items():
+        lines.append(f"| {HANDOFF_TITLES[name]} | {swd:.4f} | {1e3 * handoff['mmd'][name]:.3f} |")
+    return "\n".join(lines)
+
+
+def mode_markdown(modes: dict) -> str:
+    """The mode_statistics of evaluation seed 0, one row per sampler."""
+    lines = ["| sampler (evaluation seed 0) | off every mode (z > 4) | mode weights, ½Σ|ŵ − w| "
+             "| width / true width: weighted mean (min – max) |", "|---|---|---|---|"]
+    for name, row in modes.items():
+        lines.append(f"| {SAMPLER_TITLES.get(name) or HANDOFF_TITLES[name]} | {100 * row['off_mode']:.2f} % | {row['weight_error']:.4f} "
+                     f"| {row['width_mean']:.2f} ({min(row['width']):.2f} – {max(row['width']):.2f}) |")
+    return "\n".join(lines)
 
 
 def write_outputs(result: dict, samples: dict, output_dir: str) -> None:
