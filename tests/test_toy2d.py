@@ -35,6 +35,19 @@ def test_swd_sw1_of_point_masses():
     assert sliced_wasserstein(a, b, 50000, p=1) == pytest.approx(2 / math.pi, rel=0.02)
 
 
+def test_swd_equals_the_plain_per_projection_formula():
+    """The row-sorted implementation against a plain loop: for each projection, sort both
+    projections and average |x_(i) − y_(j)|^p over the matched pairs."""
+    x, y = torch.randn(50, 2, dtype=torch.float64), torch.randn(150, 2, dtype=torch.float64) + 0.3
+    theta = torch.randn((2, 7), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    terms = []
+    for j in range(7):
+        px, py = (x @ theta[:, j]).sort().values, (y @ theta[:, j]).sort().values
+        terms += [abs(px[i // 3] - py[i]) ** 2 for i in range(150)]
+    assert sliced_wasserstein(x, y, 7, seed=3) == pytest.approx(math.sqrt(sum(terms) / len(terms)), rel=1e-12)
+
+
 def test_mmd2_unbiased_by_hand_on_a_few_points():
     """k(a, b) = exp(−‖a − b‖²/2) (h = 1). x = {(0,0), (1,0)}, y = {(0,0), (0,1)}: the
     within-sample pairs are 1 apart (e^{−1/2} each), the four cross pairs have ‖·‖² = 0, 1, 1, 2,
@@ -84,6 +97,7 @@ def test_mode_statistics_by_hand():
     points = torch.tensor([[0.1, 0.0], [0.0, -0.1], [1.4, 0.0], [0.5, 1.0]])
     stats = mode_statistics(points, mixture)
     assert stats["off_mode"] == pytest.approx(0.25)
+    assert stats["weights"] == pytest.approx([2 / 3, 1 / 3])
     assert stats["weight_error"] == pytest.approx(0.5 * (abs(2 / 3 - 0.5) + abs(1 / 3 - 0.5)))
     assert stats["width"] == pytest.approx([math.sqrt(0.5), math.sqrt(2.0)])   # √(z²/2): z = 1, 2
     assert stats["width_mean"] == pytest.approx(0.5 * (math.sqrt(0.5) + math.sqrt(2.0)))
@@ -187,6 +201,35 @@ def test_handoff_samples_hand_over_at_the_last_steps_input(tmp_path):
                                handoff_samples(backbone, net, [30, 12], 1.0, 64, stride=13)["marginal_then_teacher"],
                                rtol=0, atol=0)   # stride 13: the teacher's finish is the one step [12]
     assert seed_of("handoff") not in (seed_of(name) for name in ("ground_truth", "reference", "noise"))
+
+
+def test_toy_modes_script_sensitivity_and_weights(tmp_path, capsys):
+    """scripts/toy_modes.py on a small teacher of the asymmetric mixture: moving mass between two
+    modes raises the SWD with the share moved, and every sampler's weights sum to 1."""
+    import yaml
+    from tdm.toy.teacher import ensure_teacher
+
+    mixture = yaml.safe_load(open(os.path.join(ROOT, "configs", "toy2d_asym.yaml")))["backbone_options"]["mixture"]
+    options = {"mixture": mixture, "network": {"hidden": 64, "depth": 2, "time_channels": 32},
+               "teacher": {"steps": 800, "batch_size": 512, "lr": 3e-3}}
+    ensure_teacher(str(tmp_path / "teacher"), options)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import toy_modes
+
+    assert toy_modes.main(["--config", os.path.join(ROOT, "configs", "toy2d_asym.yaml"),
+                           "--pretrained_model_name_or_path", str(tmp_path / "teacher"),
+                           "--backbone_options", json.dumps(options),
+                           "--samples", "4000", "--weight_samples", "4000"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| change", "| sampler"))]
+    swd = {row[0][2:]: float(row[1].rstrip(" |")) for row in rows if len(row) == 2}
+    floor, half, one = (swd[key] for key in ("none (the floor)", "0.5 % of the mass from mode 1 to mode 2",
+                                             "1 % of the mass from mode 1 to mode 2"))
+    assert floor < half < one, swd
+    weights = {row[0][2:]: [float(v.rstrip(" |")) for v in row[1:]] for row in rows if len(row) == 6}
+    assert set(weights) == {"mixture", "teacher DDIM 50", "teacher DDIM 200"}
+    assert all(sum(w) == pytest.approx(1, abs=1e-3) for w in weights.values()), weights
+    assert weights["mixture"] == [0.35, 0.25, 0.2, 0.15, 0.05]
 
 
 def test_backbone_only_loads_and_names_the_pretrain_command(tmp_path):

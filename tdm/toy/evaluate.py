@@ -231,7 +231,8 @@ def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
     mode (for a true isotropic 2-D Gaussian P(z > 4) = e^−8 ≈ 3·10⁻⁴). Returns
 
       off_mode:      the share of points off every mode (bridges, fans, crescents' tips);
-      weight_error:  ½ Σ_j |ŵ_j − w_j|, ŵ_j the share of the on-mode points at mode j;
+      weights:       ŵ_j, the share of the on-mode points at mode j;
+      weight_error:  ½ Σ_j |ŵ_j − w_j|, w_j the mixture's weights;
       width:         per mode, √(mean z² / 2) of its on-mode points: 1 for the true width
                      (0.999 for a true Gaussian: the cut at `radius` trims the tail), < 1 narrower;
       width_mean:    the widths averaged with the mixture's weights.
@@ -245,7 +246,7 @@ def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
     sum_z2 = torch.zeros(len(mixture.means), dtype=torch.float64).index_add_(0, assigned[on], nearest[on] ** 2)
     width = (sum_z2 / counts.clamp(min=1) / 2).sqrt()
     weights = mixture.weights.double()
-    return {"off_mode": float((~on).double().mean()),
+    return {"off_mode": float((~on).double().mean()), "weights": shares.tolist(),
             "weight_error": float(0.5 * (shares - weights).abs().sum()),
             "width": width.tolist(), "width_mean": float((weights * width).sum())}
 
