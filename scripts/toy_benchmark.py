@@ -52,9 +52,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tdm.config import RunConfig, UsageError  # noqa: E402
-from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, handoff_samples, markdown_table, mmd2_table, mode_table,  # noqa: E402
-                              reference_samples, sample_all, sample_step_counts, scatter_panel,
-                              summarize, swd_table, write_outputs)
+from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, handoff_samples, markdown_table,  # noqa: E402
+                              mmd2_table, mode_table, reference_samples, sample_all,
+                              sample_step_counts, scatter_panel, summarize, swd_table,
+                              write_outputs)
 
 
 def build_parser() -> argparse.ArgumentParser:

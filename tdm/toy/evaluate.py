@@ -243,7 +243,8 @@ def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
     on = nearest <= radius
     counts = torch.bincount(assigned[on], minlength=len(mixture.means)).double()
     shares = counts / counts.sum().clamp(min=1)
-    sum_z2 = torch.zeros(len(mixture.means), dtype=torch.float64).index_add_(0, assigned[on], nearest[on] ** 2)
+    sum_z2 = torch.zeros(len(mixture.means), dtype=torch.float64)
+    sum_z2.index_add_(0, assigned[on], nearest[on] ** 2)
     width = (sum_z2 / counts.clamp(min=1) / 2).sqrt()
     weights = mixture.weights.double()
     return {"off_mode": float((~on).double().mean()), "weights": shares.tolist(),
@@ -349,11 +350,12 @@ def handoff_markdown(handoff: dict, tau_1: int) -> str:
 
 def mode_markdown(modes: dict) -> str:
     """The mode_statistics of evaluation seed 0, one row per sampler."""
-    lines = ["| sampler (evaluation seed 0) | off every mode (z > 4) | mode weights, ½Σ|ŵ − w| "
-             "| width / true width: weighted mean (min – max) |", "|---|---|---|---|"]
+    lines = ["| sampler (evaluation seed 0) | off every mode (z > 4) | mode-weight error, "
+             "½ Σ abs(ŵ − w) | width / true width: weighted mean (min – max) |", "|---|---|---|---|"]
     for name, row in modes.items():
-        lines.append(f"| {SAMPLER_TITLES.get(name) or HANDOFF_TITLES[name]} | {100 * row['off_mode']:.2f} % | {row['weight_error']:.4f} "
-                     f"| {row['width_mean']:.2f} ({min(row['width']):.2f} – {max(row['width']):.2f}) |")
+        title = SAMPLER_TITLES.get(name) or HANDOFF_TITLES[name]
+        width = f"{row['width_mean']:.2f} ({min(row['width']):.2f} – {max(row['width']):.2f})"
+        lines.append(f"| {title} | {100 * row['off_mode']:.2f} % | {row['weight_error']:.4f} | {width} |")
     return "\n".join(lines)
 
 
