@@ -23,7 +23,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from tdm.metrics import sliced_wasserstein  # noqa: E402
-from tdm.toy.evaluate import SEEDS, mode_statistics, reference_samples  # noqa: E402
+from tdm.toy.evaluate import (SEEDS, evaluation_inputs, ground_truth, mode_statistics,  # noqa: E402
+                              reference_samples)
 from tdm.toy.mixture import GaussianMixture  # noqa: E402
 from tdm.trajectory import StepGrid, rollout  # noqa: E402
 
@@ -36,7 +37,7 @@ def sensitivity(mixture: GaussianMixture, n: int, shift_from: int, shift_to: int
         return sliced_wasserstein(points, reference, 256, SEEDS["projections"])
 
     def truth(m=mixture):
-        return m.sample(n, torch.Generator().manual_seed(SEEDS["ground_truth"]))
+        return ground_truth(m, n, SEEDS["ground_truth"])
 
     rows = [("none (the floor)", swd(truth()[0]))]
     for share in (0.005, 0.01, 0.02):
@@ -61,9 +62,8 @@ def sensitivity(mixture: GaussianMixture, n: int, shift_from: int, shift_to: int
 
 
 def mode_weights(backbone, grid: StepGrid, students: list, n: int) -> list:
-    """[(sampler, per-mode weights)] on one noise of n points."""
-    noise = torch.randn((n, 2), generator=torch.Generator().manual_seed(SEEDS["noise"]))
-    cond = {key: value.expand(n, *value.shape[1:]) for key, value in backbone.encode_prompts([""]).items()}
+    """[(sampler, per-mode weights)] on the benchmark's noise (evaluation seed 0), n points."""
+    _, cond, noise = evaluation_inputs(backbone, n)
     teacher = backbone.denoiser(backbone.load_denoiser().eval())
     rows = [("mixture", backbone.mixture.weights.tolist())]
     for steps in (50, 200):

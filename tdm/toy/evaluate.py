@@ -134,9 +134,8 @@ def handoff_samples(backbone, student_net, timesteps: List[int], cfg: float, n: 
     tau_1 = timesteps[-1]
     finish, last = StepGrid(list(range(tau_1, -1, -stride))), StepGrid([tau_1])
     x_1 = rollout(student, noise, cond, StepGrid(timesteps), path).states[0]
-    alpha, sigma = path.alpha_sigma(torch.full((n,), tau_1, dtype=torch.long), truth.ndim)
     fresh = torch.randn(truth.shape, generator=torch.Generator().manual_seed(SEEDS["handoff"]))
-    marginal = alpha * truth + sigma * fresh
+    marginal = path.ddim_move(truth, fresh, torch.full((n,), tau_1, dtype=torch.long))   # α·x0 + σ·n
     return {"student_then_teacher": rollout(teacher, x_1, cond, finish, path).sample,
             "marginal_then_student": rollout(student, marginal, cond, last, path).sample,
             "marginal_then_teacher": rollout(teacher, marginal, cond, finish, path).sample}
