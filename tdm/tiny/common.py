@@ -5,6 +5,7 @@ keeps tiny models input-dependent."""
 from __future__ import annotations
 
 import json
+import os
 import string
 
 import torch
@@ -146,3 +147,20 @@ def latent16_vae(scaling_factor: float, shift_factor: float):
         block_out_channels=(8, 16), layers_per_block=1, act_fn="silu", latent_channels=16,
         norm_num_groups=4, sample_size=32, scaling_factor=scaling_factor,
         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def save_configs(pipe, path: str) -> str:
+    """`pipe` as a pipeline folder without weight files: model_index.json, each model's and the
+    scheduler's config, the tokenizers (what tdm.simulate.weightless_loading reads)."""
+    pipe.save_config(path)
+    for name, component in pipe.components.items():
+        folder = os.path.join(path, name)
+        if component is None:
+            continue
+        if hasattr(component, "save_config"):      # diffusers models and schedulers
+            component.save_config(folder)
+        elif hasattr(component, "config"):         # transformers models
+            component.config.save_pretrained(folder)
+        else:                                      # tokenizers
+            component.save_pretrained(folder)
+    return path

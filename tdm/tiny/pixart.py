@@ -8,11 +8,12 @@ latent is 4 x 16 x 16 (VAE scale factor 2).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-from .common import build_t5_tokenizer, reinit_zero_weights
+from .common import build_t5_tokenizer, reinit_zero_weights, save_configs
 
 # Real PixArt-alpha (PixArt-XL-2-512x512) scheduler_config.json values.
 PIXART_SCHEDULER_CONFIG = dict(
@@ -55,13 +56,14 @@ SIZES = {
 }
 
 
-def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny") -> str:
+def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny", weights: bool = True) -> str:
     """Build a tiny real ``PixArtAlphaPipeline`` with fixed random weights and save it to ``path``.
 
     Components: T5 tokenizer (Unigram trained on ``common.TINY_PROMPTS``), 2-layer ``T5EncoderModel``
     (d_model 32), 2-block ``AutoencoderKL`` (scale factor 2, 4 latent channels), 2-layer
     ``PixArtTransformer2DModel`` (sample_size 16, learned sigma: out_channels 8) and a
     ``DPMSolverMultistepScheduler`` with the PixArt-alpha 512 config. Returns ``path``.
+    ``weights=False`` writes the configs only (the architecture for tdm/plan.py, no weight files).
     """
     from diffusers import (
         AutoencoderKL,
@@ -73,7 +75,8 @@ def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny") -> str:
 
     tokenizer = build_t5_tokenizer()
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), \
+            contextlib.nullcontext() if weights else torch.device("meta"):
         torch.manual_seed(seed)
         t5_config = T5Config(
             vocab_size=len(tokenizer),
@@ -130,7 +133,8 @@ def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny") -> str:
             caption_channels=t5_config.d_model,
             attention_type="default",
         )
-        reinit_zero_weights(transformer)
+        if weights:
+            reinit_zero_weights(transformer)
         transformer.eval()
 
     scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG)
@@ -143,5 +147,7 @@ def build_tiny_pixart(path: str, seed: int = 0, size: str = "tiny") -> str:
         scheduler=scheduler,
     )
     os.makedirs(path, exist_ok=True)
+    if not weights:
+        return save_configs(pipe, path)
     pipe.save_pretrained(path)
     return path
