@@ -86,16 +86,24 @@ def model_folder(model: str, revision: Optional[str] = None) -> str:
 
 
 def _simulated_args(args, folder: str, scratch: str):
-    """The run's flags for build(): the model's config folder, a scratch output folder and
-    prompts, nothing written during training (no cache, no validation, no checkpoints);
-    8-bit Adam is planned by its footprint (tdm.simulate.OptimiserFootprint)."""
-    prompts = os.path.join(scratch, "prompts.txt")
-    with open(prompts, "w") as f:
-        f.write("a photo of a cat on a chair\n" * args.train_batch_size)
+    """The run's flags for build(): the model's config folder, a scratch output folder, one batch
+    of the run's prompts (of assets/prompts.txt where they cannot be read here), and nothing
+    written during training (no cache, no validation, no checkpoints); 8-bit Adam is planned by
+    its footprint (tdm.simulate.OptimiserFootprint)."""
+    from .config import UsageError, build_parser
+    from .data import load_prompts
+
+    try:
+        prompts = load_prompts(args.prompts, args.caption_column)
+    except (UsageError, OSError, ValueError):   # the run's prompts live on another machine
+        prompts = load_prompts(build_parser().get_default("prompts"))
+    path = os.path.join(scratch, "prompts.txt")
+    with open(path, "w") as f:
+        f.write("\n".join((prompts * args.train_batch_size)[:args.train_batch_size]) + "\n")
     return args.replace(pretrained_model_name_or_path=folder, output_dir=os.path.join(scratch, "run"),
-                        prompts=prompts, cache_text_embeddings=False, use_8bit_adam=False,
-                        report_to="none", validation_steps=0, checkpointing_steps=0,
-                        resume_from_checkpoint=None, torch_compile=False,
+                        prompts=path, caption_column=None, cache_text_embeddings=False,
+                        use_8bit_adam=False, report_to="none", validation_steps=0,
+                        checkpointing_steps=0, resume_from_checkpoint=None, torch_compile=False,
                         enable_xformers_memory_efficient_attention=False)
 
 
@@ -257,14 +265,16 @@ def _loaded(trace: MemoryTrace, run, eight_bit: bool):
 def _iterate(train_tdm, run, args, optimisers, trace: MemoryTrace):
     """train_tdm's iteration on one batch: once, or twice when accumulating (the second holds
     both networks' gradients); the last counted (forward rows by role, FLOPs)."""
-    prompts = next(iter(run.dataloader))
+    trace.kind = ACTIVATIONS
+    # one batch of the loader's prompts, not drawn through it: a loader that ends would make
+    # accelerate step at each iteration instead of accumulating
+    prompts = list(run.dataloader.dataset)[:args.train_batch_size]
     encode = run.encode
     if args.cache_text_embeddings:   # the cache's conditions, then the encoders leave the device
         cond = run.encode(prompts)
         run.backbone.offload_text_encoders()
         encode = lambda _: cond  # noqa: E731
     rows, counter = Counter(), FlopCount()
-    trace.kind = ACTIVATIONS
     iterations = 1 if args.gradient_accumulation_steps == 1 else 2
     for i in range(iterations):
         last = i == iterations - 1

@@ -54,7 +54,7 @@ def _onto_simulated(constructor):
     """torch.tensor, as_tensor or asarray that honours device=SIMULATED: a CPU build drops a
     CPU device's index and returns a host tensor, so build it on the host and move it."""
     def constructed(*args, **kwargs):
-        if not _on_simulated(kwargs.get("device")):
+        if not _on_simulated(kwargs.get("device") or torch.get_default_device()):
             return constructor(*args, **kwargs)
         requires_grad = kwargs.pop("requires_grad", False)
         host = constructor(*args, **{**kwargs, "device": "cpu"})
@@ -75,18 +75,27 @@ class SimulatedDevice(FakeTensorMode):
         super().__init__(allow_non_fake_inputs=True)
         self.fake_tensor_converter.__class__ = _UnmemoisedConverter
 
+    _entered = 0   # fake mode re-enters itself: the constructors are swapped on the first entry only
+
     def __enter__(self):
-        self._constructors = {name: getattr(torch, name) for name in DATA_CONSTRUCTORS}
-        for name, constructor in self._constructors.items():
-            setattr(torch, name, _onto_simulated(constructor))
+        if not self._entered:
+            # torch's device contexts recognise constructors by identity, in a set made on first
+            # use: made now, it holds torch's own, not the ones swapped in here
+            torch.utils._device._device_constructors()
+            self._constructors = {name: getattr(torch, name) for name in DATA_CONSTRUCTORS}
+            for name, constructor in self._constructors.items():
+                setattr(torch, name, _onto_simulated(constructor))
+        self._entered += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            for name, constructor in self._constructors.items():
-                setattr(torch, name, constructor)
+            self._entered -= 1
+            if not self._entered:
+                for name, constructor in self._constructors.items():
+                    setattr(torch, name, constructor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -97,6 +106,13 @@ class SimulatedDevice(FakeTensorMode):
         if func is torch.ops.aten.nonzero.default:   # every value reads as true (see _read_back)
             x = args[0]
             return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+        if func is torch.ops.aten._to_copy.default and not isinstance(args[0], FakeTensor):
+            # a host tensor moving onto the device: a fresh fake one (fake mode would fold the copy
+            # of a one-value tensor on the host, where a CPU device's index is dropped)
+            x = args[0]
+            empty = torch.ops.aten.empty.memory_format
+            return super().__torch_dispatch__(empty, types, (list(x.shape),), {
+                "dtype": kwargs.get("dtype") or x.dtype, "device": SIMULATED})
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
