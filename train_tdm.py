@@ -240,6 +240,7 @@ def build(args):
     from tdm.backbones import load_backbone
     from tdm.method import TDM, TDMConfig, TrainingRNG
     from tdm.networks import build_networks
+    from tdm.plan import warn_if_over_memory
     from tdm.step_condition import step_tables
 
     accelerator = Accelerator(
@@ -264,6 +265,7 @@ def build(args):
         raise UsageError(f"--prompts has {len(prompts)} prompts, fewer than one batch "
                          f"({args.train_batch_size} × {accelerator.num_processes} processes)")
 
+    warn_if_over_memory(args, accelerator)   # one line when its plan exceeds the GPU
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
     try:
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -409,15 +410,15 @@ def plan_in_subprocess(args, num_processes: int = 1, timeout: int = 3600) -> Pla
     with tempfile.TemporaryDirectory(prefix="tdm-plan-") as scratch:
         config = os.path.join(scratch, "run.yaml")
         with open(config, "w") as f:
-            yaml.safe_dump({k: v for k, v in args._flags.items() if k != "config"}, f)
+            yaml.safe_dump({**{k: v for k, v in args._flags.items() if k != "config"},
+                            "mixed_precision": args.mixed_precision}, f)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run([sys.executable, "-m", "tdm.plan", "--config", config, "--json",
-                               "--num_processes", str(num_processes), "--no_suggest"],
+                               "--num_processes", str(num_processes)],
                               capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode:
-        lines = (proc.stderr.strip() or "no output").splitlines()
-        raise RuntimeError(lines[-1])
-    return cached_plan(args, num_processes)
+        raise RuntimeError((proc.stderr.strip() or "no output").splitlines()[-1])
+    return Plan(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def memory_warning(planned: Plan, capacity: int, device: str = "this GPU") -> Optional[str]:
@@ -435,6 +436,9 @@ def warn_if_over_memory(args, accelerator) -> None:
     device (main process; planned once per config in a subprocess, then cached)."""
     if accelerator.device.type != "cuda" or not accelerator.is_main_process:
         return
+    args = args.replace(mixed_precision=accelerator.mixed_precision)   # as accelerate resolved it
+    if not os.path.isfile(cache_path(args, accelerator.num_processes)):
+        logging.getLogger("tdm").info("planning this run's memory on the CPU (once per config)")
     try:
         planned = plan_in_subprocess(args, accelerator.num_processes)
     except Exception as error:   # advice only: a plan that cannot be made never stops training

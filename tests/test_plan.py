@@ -194,3 +194,16 @@ def test_cli_plans_once_per_config_and_refuses_bad_flags_in_one_line(tiny_models
     assert main(flags + ["--num_processes", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --num_processes") and err.count("\n") == 1
+
+
+def test_train_tdm_plans_in_a_subprocess_once_per_config(tiny_models, tmp_path, monkeypatch):
+    """What train_tdm.build runs on a GPU before loading weights (tdm.plan.warn_if_over_memory):
+    the plan in a fresh interpreter from the run's flags, cached for the next launch."""
+    from tdm.plan import cache_path, cached_plan, plan, plan_in_subprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = train_args(tiny_models("pixart"), str(tmp_path / "run"), ["--train_batch_size", "4"])
+    planned = plan_in_subprocess(args)
+    assert os.path.isfile(cache_path(args)) and cached_plan(args) == planned
+    assert planned.settings["train_batch_size"] == 4
+    assert planned.peak == plan(args).peak      # the flags went through the YAML unchanged
