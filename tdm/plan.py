@@ -64,15 +64,22 @@ class Plan:
         return asdict(self)
 
 
+# flags that change neither a run's memory nor its compute per iteration (the rest is the cache key)
+NOT_PLANNED = {"config", "prompts", "caption_column", "text_embeddings_dir", "dataloader_num_workers",
+               "output_dir", "logging_dir", "report_to", "tracker_project_name", "max_train_steps",
+               "learning_rate", "generator_lr_ratio", "lr_scheduler", "lr_warmup_steps",
+               "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
+               "adam_epsilon", "allow_tf32", "ema_decay", "ema_start_step", "export_ema",
+               "export_format", "max_nonfinite", "ddp_timeout", "checkpointing_steps",
+               "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps",
+               "validation_prompts", "validation_seed", "log_prompts", "torch_compile",
+               "enable_xformers_memory_efficient_attention"}
+
+
 def settings_of(args, num_processes: int = 1) -> dict:
-    """The flags that decide a run's memory and compute (the plan's cache key)."""
-    keys = ("pretrained_model_name_or_path", "revision", "variant", "backbone", "backbone_options",
-            "train_mode", "lora_rank", "gradient_checkpointing", "timesteps", "unify_steps",
-            "fake_step_condition", "cfg", "guidance_embedding", "student_guidance",
-            "full_rollout", "share_step_draw", "cache_text_embeddings", "resolution", "num_frames",
-            "max_sequence_length", "train_batch_size", "gradient_accumulation_steps",
-            "use_8bit_adam", "mixed_precision", "use_ema")
-    return {**{k: getattr(args, k) for k in keys}, "num_processes": num_processes}
+    """Every resolved flag that can change a run's memory or compute (the plan's cache key)."""
+    return {**{k: v for k, v in sorted(vars(args).items())
+               if not k.startswith("_") and k not in NOT_PLANNED}, "num_processes": num_processes}
 
 
 def model_folder(model: str, revision: Optional[str] = None) -> str:
@@ -453,26 +460,39 @@ def warn_if_over_memory(args, accelerator) -> None:
 # ---------------------------------------------------------------------------------------------
 # command line: scripts/plan.py
 # ---------------------------------------------------------------------------------------------
+def _what(settings: dict) -> str:
+    """The planned run in a few words: model, mode, batch, size, precision, memory savers."""
+    s = settings
+    batch = f"batch {s['train_batch_size']}" + (
+        f" × {s['gradient_accumulation_steps']} accumulated" if s["gradient_accumulation_steps"] > 1 else "")
+    size = f"{s['resolution']} px" + (f" {s['backbone_options']}" if s.get("backbone_options") else "")
+    parts = [s["pretrained_model_name_or_path"], s["train_mode"], batch, size,
+             f"{s['num_frames']} frames" if s.get("num_frames") else None,
+             {"no": "fp32", None: "fp32"}.get(s["mixed_precision"], s["mixed_precision"]),
+             "gradient checkpointing" if s["gradient_checkpointing"] else "no checkpointing",
+             "8-bit Adam" if s["use_8bit_adam"] else "AdamW",
+             "cached text embeddings" if s["cache_text_embeddings"] else None,
+             f"{s['num_processes']} processes" if s["num_processes"] > 1 else None]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def describe(planned: Plan, label: str = "") -> str:
-    """The plan as text: settings, peak memory by kind, compute, forward rows."""
-    s = planned.settings
-    what = ", ".join(str(v) for v in (
-        s["pretrained_model_name_or_path"], s["train_mode"], f"batch {s['train_batch_size']}"
-        + (f" × {s['gradient_accumulation_steps']} accumulated" if s["gradient_accumulation_steps"] > 1 else ""),
-        f"{s['resolution']} px" + (f", {s['num_frames']} frames" if s["num_frames"] else ""),
-        s["mixed_precision"] or "fp32", "gradient checkpointing" if s["gradient_checkpointing"] else "no checkpointing",
-        "8-bit Adam" if s["use_8bit_adam"] else "AdamW", "cached text embeddings" if s["cache_text_embeddings"] else None)
-        if v)
-    lines = [f"plan{' of ' + label if label else ''}: {what}",
-             f"peak GPU memory {planned.peak_gib:.2f} GiB per process (CUDA context and library "
-             "workspaces not included); at the peak:"]
-    lines += [f"  {kind:<28} {planned.at_peak[kind] / GiB:7.2f} GiB" for kind in KINDS if kind in planned.at_peak]
-    rows = planned.rows
-    lines.append(f"compute {planned.tflop:.1f} TFLOP per iteration (one batch of {s['train_batch_size']} "
-                 f"on one process); forward rows per sample {sum(rows.values()):.2f} = "
-                 + " + ".join(f"{v:.2f} {k.replace('_', ' ')}" for k, v in rows.items()))
-    lines.append(f"parameters: denoiser {planned.parameters['denoiser'] / 1e6:.0f} M, trained "
-                 f"{planned.parameters['trainable'] / 1e6:.1f} M (student + fake score)")
+    """The plan as text: the run, peak memory by kind, compute, forward rows, parameters."""
+    rows, params = planned.rows, planned.parameters
+    lines = [f"plan{' of ' + label if label else ''}: {_what(planned.settings)}",
+             f"peak GPU memory {_size(planned.peak)} per process (the CUDA context and library "
+             "workspaces come on top); at the peak:"]
+    lines += [f"  {kind:<28} {_size(planned.at_peak[kind]):>11}" for kind in KINDS if kind in planned.at_peak]
+    lines.append(f"compute: {planned.tflop:.1f} TFLOP per iteration (one batch on one process); "
+                 f"forward rows per sample {sum(rows.values()):.2f} = "
+                 + " + ".join(f"{rows[k]:.2f} {k.replace('_', ' ')}"
+                              for k in ("teacher", "student", "fake_score") if k in rows))
+    lines.append(f"parameters: denoiser {params['denoiser'] / 1e6:.0f} M, trained "
+                 f"{params['trainable'] / 1e6:.1f} M (student and fake score)")
     return "\n".join(lines)
 
 
@@ -523,7 +543,7 @@ def main(argv=None) -> int:
     if own.no_suggest or all(fitted.values()):
         return 0
     for card, (change, fitting) in smallest_changes(args, planned, own.num_processes).items():
-        print(f"  {card}: " + (f"fits with {as_flags(change)} (planned {fitting.peak_gib:.2f} GiB)"
+        print(f"  {card}: " + (f"fits with {as_flags(change)} (planned {_size(fitting.peak)})"
                                if change else "no change of scripts/plan.py's list fits"))
     return 0
 
