@@ -264,10 +264,12 @@ def _loaded(trace: MemoryTrace, run, eight_bit: bool):
         trace.at_peak = {**loaded, LOADING: trace.peak - trace.total}
     footprints = [OptimiserFootprint(params, eight_bit)
                   for params in (run.networks.fake_score_params, run.networks.student_params)]
+    # prepared before the states exist, as in training (accelerate copies existing states)
+    optimisers = [run.accelerator.prepare_optimizer(footprint) for footprint in footprints]
     with trace.labelled(OPTIMISER):
         for footprint in footprints:
             footprint.allocate()
-    return loaded, [run.accelerator.prepare_optimizer(footprint) for footprint in footprints]
+    return loaded, optimisers
 
 
 def _iterate(train_tdm, run, args, optimisers, trace: MemoryTrace):

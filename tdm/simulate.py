@@ -185,16 +185,35 @@ def _cast_state(model: torch.nn.Module, dtype, keep=()) -> None:
                 module._buffers[key] = tensor.to(target)
 
 
+def _materialise(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer of a meta-device `model` as an empty tensor of its dtype on
+    SIMULATED (tied tensors stay tied)."""
+    made = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=SIMULATED)
+            made[id(t)] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+        return made[id(t)]
+
+    for module in model.modules():
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                (module._parameters if key in module._parameters else module._buffers)[key] = empty(tensor)
+    return model
+
+
 def _diffusers_model(cls, path, subfolder=None, dtype=None, torch_dtype=None, revision=None, **_):
     """diffusers' from_pretrained without weights: the architecture of the config, cast as
-    diffusers loads it (`_cast_state`)."""
+    diffusers loads it (`_cast_state`), on SIMULATED only in its final dtypes (diffusers reads the
+    weights in those dtypes, so a GPU never holds a float32 copy of a bfloat16 model)."""
     config = cls.load_config(path, subfolder=subfolder, revision=revision)
-    with torch.device(SIMULATED):
+    with torch.device("meta"):
         model = cls.from_config(config)
     dtype = dtype or torch_dtype
     if dtype is not None:
         _cast_state(model, dtype, cls._keep_in_fp32_modules or ())
-    return model.eval()
+    return _materialise(model).eval()
 
 
 def _transformers_model(cls, path, *_, subfolder="", dtype=None, torch_dtype=None, revision=None,
