@@ -137,11 +137,23 @@ def _count_rows(networks, rows: Counter) -> list:
     return [m.register_forward_pre_hook(count, with_kwargs=True) for m in networks.modules()]
 
 
+def _conv_backward_flops(grad_out, x, w, bias, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask, out_val=None, **_) -> int:
+    """Each of a convolution's input and weight gradients costs its forward's FLOPs (torch's
+    formula leaves the groups out of the weight gradient: a depthwise convolution's would count
+    once per channel)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x.shape), list(w.shape), list(grad_out.shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 class FlopCount(TorchDispatchMode):
     """FLOPs of the ops run within, by torch's formulas (torch.utils.flop_counter), with the CPU
-    flash-attention kernels that the simulated device runs counted as CUDA's flash attention.
-    (torch's FlopCounterMode also hooks every module for its per-module table; those hooks keep
-    activations alive, which would distort the memory trace.)"""
+    flash-attention kernels that the simulated device runs counted as CUDA's flash attention is,
+    and grouped convolutions' backward by `_conv_backward_flops`. (torch's FlopCounterMode also
+    hooks every module for its per-module table; those hooks keep activations alive, which would
+    distort the memory trace.)"""
 
     def __init__(self):
         super().__init__()
@@ -151,6 +163,7 @@ class FlopCount(TorchDispatchMode):
         self.flops = 0
         self.formulas = {
             **flop_registry,
+            aten.convolution_backward: _conv_backward_flops,
             aten._scaled_dot_product_flash_attention_for_cpu:
                 lambda q, k, v, *_, out_val=None, **__: sdpa_flop_count(q.shape, k.shape, v.shape),
             aten._scaled_dot_product_flash_attention_for_cpu_backward:
