@@ -321,10 +321,7 @@ def build(args):
         enable_xformers(networks.modules(), accelerator)
     if args.torch_compile:
         networks.compile()
-    backbone.load_text_encoders(accelerator.device, weight_dtype)
-    backbone.load_vae(accelerator.device, weight_dtype)
     backbone.path = backbone.path.to(accelerator.device)
-    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
 
     # Two AdamW optimisers; LR schedule and clipping on the student only (docs/method.md §4–5).
     fake_score_optimizer = make_optimizer(networks.fake_score_params, args.learning_rate, args)
@@ -361,8 +358,11 @@ def build(args):
                                              unify_steps=tuple(args.unify_steps or ()),
                                              fake_step_condition=args.fake_step_condition),
               training_rng)
-    if resume_from is not None:
+    if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
         load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
+    backbone.load_text_encoders(accelerator.device, weight_dtype)
+    backbone.load_vae(accelerator.device, weight_dtype)
+    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
     encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm, ema=ema,
                            encode=encode, uncond=uncond, dataloader=dataloader,

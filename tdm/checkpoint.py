@@ -260,6 +260,10 @@ def load_trainable(model: torch.nn.Module, path: str) -> None:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise RuntimeError(f"{path} does not match the model (missing {missing}, unexpected {extra})")
     params = dict(model.named_parameters())
+    for name, value in state.items():
+        if value.shape != params[name].shape:
+            raise RuntimeError(f"{path} does not match the model: {name} is {tuple(value.shape)} there, "
+                               f"{tuple(params[name].shape)} in the model (another model or --lora_rank?)")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -26,6 +26,11 @@ def did_you_mean(value, names: Iterable) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
+def flag_error(name: str, error) -> str:
+    """"--x must be …" for a range, "--x: unknown …" for anything else."""
+    return f"{name} {error}" if str(error).startswith("must ") else f"{name}: {error}"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors raise UsageError (one line, exit 2 in the scripts) instead of
     printing the usage; an unknown flag is answered with the nearest one."""
@@ -167,7 +172,7 @@ def check_values(args, parser: argparse.ArgumentParser) -> None:
             for item in (value if isinstance(value, list) else [value]):
                 check(item)
         except argparse.ArgumentTypeError as error:
-            raise UsageError(f"{action.option_strings[0]} {error}") from None
+            raise UsageError(flag_error(action.option_strings[0], error)) from None
 
 
 def check_writable_folder(flag: str, folder: str, what: Optional[str] = None) -> None:

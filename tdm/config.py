@@ -13,7 +13,7 @@ from typing import List, Optional
 import yaml
 
 from .checks import (Choice, Number, Parser, UsageError, check_values, check_writable_folder, choice,
-                     did_you_mean, yaml_value)
+                     did_you_mean, flag_error, yaml_value)
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -239,7 +239,7 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         try:
             converted[key] = yaml_value(actions[key], value)
         except argparse.ArgumentTypeError as error:
-            raise UsageError(f"--config {path}: key {key!r} {error}") from None
+            raise UsageError(f"--config {path}: {flag_error(f'key {key!r}', error)}") from None
     return converted
 
 
