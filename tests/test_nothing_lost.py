@@ -1,4 +1,4 @@
-"""Nothing lost, no traceback: 19 fault and bad-input cases, each ending in one line on stderr and a
+"""Nothing lost, no traceback, in 19 fault and bad-input cases: each ends in one line on stderr and a
 non-zero exit (or its documented recovery), with no byte of an existing run folder changed; and the
 checks behind them (YAML conversion, structural checkpoint verification, the run-folder plan).
 
