@@ -1,17 +1,27 @@
-# Sourced by demo.sh and test.sh: create .venv and install requirements once.
-# On a machine without CUDA it installs the CPU build of torch first (TORCH_SPEC overrides).
+# Sourced by demo.sh and test.sh: create .venv and install the locked package set once.
+# requirements.lock (scripts/lock.sh) pins every package, the CPU build of torch included, so
+# CI and users get what was tested. TORCH_SPEC replaces its torch pin (e.g. a CUDA build:
+# TORCH_SPEC="torch==2.14.1"); the stamp covers the lock, TORCH_SPEC and the Python, so changing
+# any of them reinstalls.
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+torch_pin=$(grep -i '^torch==' requirements.lock)
+TORCH_SPEC=${TORCH_SPEC:-$torch_pin}
 stamp="$VENV/.requirements.sha"
-want=$(cat requirements.txt requirements-dev.txt | sha1sum | cut -d' ' -f1)
+want=$( { cat requirements.lock; echo "$TORCH_SPEC"; python -V; } | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip >/dev/null
-  python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q -r requirements.txt -r requirements-dev.txt
+  # the lock is complete: no dependency is resolved afresh (pip check below proves it consistent)
+  locked=$(mktemp)
+  grep -iv '^torch==' requirements.lock > "$locked"
+  python -m pip install -q --no-deps -r "$locked"
+  rm -f "$locked"
+  python -m pip install -q "$TORCH_SPEC"
+  python -m pip check >/dev/null || { python -m pip check; echo "requirements.lock is inconsistent" >&2; return 1 2>/dev/null || exit 1; }
   echo "$want" > "$stamp"
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

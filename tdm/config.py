@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=Number(float, above=0), default=1e-8, help="AdamW ε.")
     g.add_argument("--max_grad_norm", type=Number(float, low=0), default=1.0,
                    help="Gradient clipping of the student (0 disables).")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for both.")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes AdamW8bit for both (GPU; pip install bitsandbytes).")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
     g.add_argument("--mixed_precision", **choice("no", "fp16", "bf16"), default=None,
                    help="Default: as accelerate is configured.")

@@ -14,7 +14,7 @@ from harness import PROMPTS, Production, train_args  # noqa: E402
 
 def main(model: str, out: str, mode: str) -> None:
     args = train_args(model, out, ["--train_mode", mode, "--gradient_checkpointing"])
-    production = Production(args)
+    production = Production(args, float64=True)
     rank = production.run.accelerator.process_index
     record = production.iterate([PROMPTS[2 * rank: 2 * rank + 2]])
     torch.save({"record": record.__dict__, "student_state": production.student_state,

@@ -62,12 +62,15 @@ class PlainNetworks:
 
 
 def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict, fake_score_state: dict,
-                   step_tables: dict, lora_rank: int = 4, lora_alpha: float = 4.0) -> PlainNetworks:
+                   step_tables: dict, lora_rank: int = 4, lora_alpha: float = 4.0,
+                   float64: bool = False) -> PlainNetworks:
     """Three separate networks: the teacher frozen in `weight_dtype`; student and fake score as
-    LoRA-on-their-own-copy (lora) or fp32 copies (full), loaded with the given weights."""
+    LoRA-on-their-own-copy (lora) or fp32 copies (full), loaded with the given weights; `float64`:
+    every network wholly in float64."""
     from tdm.step_condition import FAKE_SCORE, STUDENT
 
-    teacher = backbone.load_denoiser(weight_dtype).requires_grad_(False)
+    cast = (lambda net: net.double()) if float64 else (lambda net: net)  # noqa: E731
+    teacher = cast(backbone.load_denoiser(weight_dtype).requires_grad_(False))
     roles = {}
     for role, state in ((STUDENT, student_state), (FAKE_SCORE, fake_score_state)):
         if train_mode == "lora":
@@ -76,6 +79,7 @@ def plain_networks(backbone, train_mode: str, weight_dtype, student_state: dict,
         else:
             net = backbone.load_denoiser(torch.float32).requires_grad_(True)
         attach_plain_step_embedding(net, backbone, role, step_tables.get(role, {}))
+        cast(net)
         missing = [k for k, p in net.named_parameters() if p.requires_grad and k not in state]
         assert not missing, f"no weights given for {missing[:3]}"
         net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()}, strict=False)
@@ -154,7 +158,7 @@ def fake_score_condition(settings, cond, K, k):
 def full_rollout(student, noise, cond, grid: StepGrid, path):
     """Every sample through all K steps; returns per-step (state, x̂0, ε̂) lists, step k at k-1."""
     states, x0s, epss = [None] * grid.num_steps, [None] * grid.num_steps, [None] * grid.num_steps
-    x = noise.float()
+    x = noise if noise.dtype == torch.float64 else noise.float()
     with torch.no_grad():
         for k in range(grid.num_steps, 0, -1):
             t = torch.full((x.shape[0],), grid.timesteps[grid.num_steps - k], dtype=torch.long)

@@ -203,6 +203,7 @@ def test_handoff_samples_hand_over_at_the_last_steps_input(tmp_path):
     assert seed_of("handoff") not in (seed_of(name) for name in ("ground_truth", "reference", "noise"))
 
 
+@pytest.mark.slow
 def test_toy_modes_script_sensitivity_and_weights(tmp_path, capsys):
     """scripts/toy_modes.py on a small teacher of the asymmetric mixture: moving mass between two
     modes raises the SWD with the share moved, and every sampler's weights sum to 1."""
@@ -232,6 +233,7 @@ def test_toy_modes_script_sensitivity_and_weights(tmp_path, capsys):
     assert weights["mixture"] == [0.35, 0.25, 0.2, 0.15, 0.05]
 
 
+@pytest.mark.slow
 def test_backbone_only_loads_and_names_the_pretrain_command(tmp_path):
     """An empty (or missing) folder is a one-line UsageError with the command that creates the
     teacher; that command, run as printed, makes the folder loadable."""

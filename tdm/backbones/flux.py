@@ -66,7 +66,7 @@ def flux_path(scheduler_config, mu: float) -> GaussianPath:
     total = scheduler.config.num_train_timesteps
     scheduler.set_timesteps(sigmas=[(t + 1) / total for t in range(total)], mu=mu)
     sigma = scheduler.sigmas[:total].float()   # the appended terminal 0 dropped
-    return GaussianPath(1.0 - sigma, sigma)
+    return GaussianPath.flow(sigma)
 
 
 class FluxBackbone(FlowMatchingBackbone):
