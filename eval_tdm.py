@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prompts: .txt (one a line), .jsonl/.json/.csv/.parquet, dataset folder or hub id.")
     p.add_argument("--caption_column", default=None, help="Column of a table or dataset of prompts.")
     p.add_argument("--prompt", action="append", default=None, help="Repeatable; added to the file's.")
-    p.add_argument("--num_prompts", type=Number(int, low=1), default=None, help="Only the first N prompts.")
+    p.add_argument("--num_prompts", type=Number(int, low=1), default=None,
+                   help="Only the first N prompts.")
     p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Student grid; default: the training grid (or k·T/K − 1).")
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0,
                    help="Prompt i is sampled from seed + i (teacher and student).")
     p.add_argument("--batch_size", type=Number(int, low=1), default=4)
-    p.add_argument("--height", type=Number(int, low=1), default=None, help="Default: the training resolution.")
+    p.add_argument("--height", type=Number(int, low=1), default=None,
+                   help="Default: the training resolution.")
     p.add_argument("--width", type=Number(int, low=1), default=None)
     p.add_argument("--metrics", default=",".join(METRICS),
                    help=f"Comma-separated subset of {', '.join(METRICS)}.")
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A callable returning the FID feature network (uint8 [N,3,H,W] → [N,D]); "
                    "default: torch-fidelity's InceptionV3, 2048-d pool features.")
     p.add_argument("--output_dir", default=None, help="Default: <student folder>/eval.")
-    p.add_argument("--grid_prompts", type=Number(int, low=0), default=8, help="Prompts shown in samples.png.")
+    p.add_argument("--grid_prompts", type=Number(int, low=0), default=8,
+                   help="Prompts shown in samples.png.")
     p.add_argument("--save_images", action="store_true",
                    help="Also write every sample to OUTPUT_DIR/{student,teacher}/NNNNN.png.")
     p.add_argument("--device", default=None)

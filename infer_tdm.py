@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow_shift", type=Number(float, above=0), default=None,
                    help="Flow shift of the upstream DPM-Solver for rectified-flow models (1–6).")
     p.add_argument("--num_frames", type=Number(int, low=1), default=None, help="Video backbones: frames.")
-    p.add_argument("--fps", type=Number(int, low=1), default=8, help="Video backbones: frames per second.")
+    p.add_argument("--fps", type=Number(int, low=1), default=8,
+                   help="Video backbones: frames per second.")
     p.add_argument("--guidance_scale", type=Number(float, low=0), default=None,
                    help="Default: what the student was trained for (1; FLUX.1-dev: --student_guidance).")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--height", type=Number(int, low=1), default=None, help="Default: the training resolution.")
+    p.add_argument("--height", type=Number(int, low=1), default=None,
+                   help="Default: the training resolution.")
     p.add_argument("--width", type=Number(int, low=1), default=None)
     p.add_argument("--output", default="tdm.png",
                    help="PNG, a grid for several prompts; video backbones: .mp4 (or .gif), one "
@@ -159,7 +161,8 @@ def check_output(path: str, model_path: str, config: dict) -> None:
     """--output: a folder it can be written to and a file type for what this model makes, before
     any model loads (sampling first would lose the samples)."""
     images = "an image type (.png, .jpg, .webp, … any that Pillow writes)"
-    check_output_file("--output", path, image_extensions() + VIDEO_EXTENSIONS, f"{images} or a video (.mp4, .gif)")
+    check_output_file("--output", path, image_extensions() + VIDEO_EXTENSIONS,
+                      f"{images} or a video (.mp4, .gif)")
     from tdm.backbones import backbone_class
 
     try:

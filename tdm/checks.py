@@ -138,6 +138,8 @@ def yaml_value(action: argparse.Action, value):
     """A YAML value for a flag, converted and checked as argparse would convert the command line's
     string (ArgumentTypeError otherwise)."""
     if value is None:
+        if None in getattr(action.type, "yaml_values", {}):   # null stands for a name (auto)
+            return action.type.yaml_values[None]
         if action.default is None:
             return None
         raise argparse.ArgumentTypeError("must have a value, got null")

@@ -19,14 +19,15 @@ DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
-# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML
-# reads on/off as booleans, a resolved config.yaml holds the resolved value
-GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False, None: None, True: True, False: False}
+# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML's
+# booleans and null (on/off, a resolved config.yaml) are read as these names (its Choice type)
+GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False}
 
 
 def int_list(text) -> List[int]:
     """'999,856' or a YAML list → [999, 856]; anything but whole numbers is refused."""
-    items = text if isinstance(text, (list, tuple)) else [v for v in str(text).replace(" ", "").split(",") if v]
+    items = text if isinstance(text, (list, tuple)) else [
+        v for v in str(text).replace(" ", "").split(",") if v]
     for item in items:
         whole = isinstance(item, int) and not isinstance(item, bool)
         if not (whole or (isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item))):
@@ -87,15 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_mode", **choice("lora", "full"), default="lora",
                    help="lora: student and fake score are LoRAs on the frozen teacher; full: "
                    "full copies initialised from the teacher (the demo).")
-    g.add_argument("--lora_rank", type=Number(int, low=1), default=64, help="LoRA rank of student and fake score.")
-    g.add_argument("--lora_alpha", type=Number(float, above=0), default=None, help="Default: equal to --lora_rank.")
+    g.add_argument("--lora_rank", type=Number(int, low=1), default=64,
+                   help="LoRA rank of student and fake score.")
+    g.add_argument("--lora_alpha", type=Number(float, above=0), default=None,
+                   help="Default: equal to --lora_rank.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in backward to save memory.")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the networks.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention if installed (else a warning and PyTorch SDPA).")
     g = p.add_argument_group("TDM")
-    g.add_argument("--num_steps", type=Number(int, low=1), default=4, help="K, the student's number of steps.")
+    g.add_argument("--num_steps", type=Number(int, low=1), default=4,
+                   help="K, the student's number of steps.")
     g.add_argument("--total_steps", type=Number(int, low=1), default=900,
                    help="T: grid τ_k = k·T/K − 1 (900 → 899, 674, 449, 224).")
     g.add_argument("--timesteps", type=int_list, default=None,
@@ -105,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "iteration, grid k·T/K − 1 per K; student and fake score conditioned on K).")
     g.add_argument("--fake_step_condition", action="store_true",
                    help="Condition the fake score on the step index k (advised in mode 2).")
-    g.add_argument("--cfg", type=Number(float, above=0, hint=" (1 disables guidance)"), default=4.5, help="Teacher guidance scale in the target.")
+    g.add_argument("--cfg", type=Number(float, above=0, hint=" (1 disables guidance)"), default=4.5,
+                   help="Teacher guidance scale in the target.")
     g.add_argument("--guidance_embedding", default="auto", choices=("auto", "on", "off"),
-                   type=Choice(("auto", "on", "off"), yaml_values={None: "auto", True: "on", False: "off"}),
+                   type=Choice(("auto", "on", "off"),   # YAML reads on/off as booleans
+                               yaml_values={None: "auto", True: "on", False: "off"}),
                    help="How the teacher is guided: through its guidance embedding, one call with "
                    "--cfg as input (guidance-distilled models: FLUX.1-dev), or by classifier-free "
                    "guidance; auto: the embedding where the model has one.")
@@ -127,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Roll every sample out to the last step (reference for the lazy rollout).")
     g.add_argument("--no_importance_weight", action="store_true",
                    help="Ablation: w_IS = 1 in the fake-score loss.")
-    g.add_argument("--snr_gamma", type=Number(float, above=0), default=5.0, help="γ of the min-SNR-γ fake-score weight.")
+    g.add_argument("--snr_gamma", type=Number(float, above=0), default=5.0,
+                   help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
     g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),
                    help=".txt (one prompt a line), .jsonl/.json/.csv/.parquet, a dataset folder "
@@ -139,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "encoder off the accelerator.")
     g.add_argument("--text_embeddings_dir", default=None,
                    help="Folder of the cache; default: OUTPUT_DIR/text_embeddings.")
-    g.add_argument("--resolution", type=Number(int, low=1), default=512, help="Image size of the student samples.")
+    g.add_argument("--resolution", type=Number(int, low=1), default=512,
+                   help="Image size of the student samples.")
     g.add_argument("--num_frames", type=Number(int, low=1), default=None,
                    help="Frames of a video sample (video backbones); default: the backbone's.")
     g.add_argument("--max_sequence_length", type=Number(int, low=1), default=None,
                    help="Text tokens; default: the backbone's (PixArt: 120).")
-    g.add_argument("--dataloader_num_workers", type=Number(int, low=0), default=0, help="Prompt loader workers.")
+    g.add_argument("--dataloader_num_workers", type=Number(int, low=0), default=0,
+                   help="Prompt loader workers.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=Number(int, low=1), default=2, help="Per device.")
     g.add_argument("--gradient_accumulation_steps", type=Number(int, low=1), default=1,
@@ -157,12 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Generator lr = learning_rate × this (demo: 1/5).")
     g.add_argument("--lr_scheduler", type=Choice(lr_scheduler_names), default="constant",
                    help="diffusers get_scheduler name; applies to the student only.")
-    g.add_argument("--lr_warmup_steps", type=Number(int, low=0), default=0, help="Generator LR warm-up steps.")
-    g.add_argument("--lr_num_cycles", type=Number(int, low=1), default=1, help="Cycles of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=Number(float, above=0), default=1.0, help="Power of the polynomial schedule.")
-    g.add_argument("--adam_beta1", type=Number(float, low=0, below=1), default=0.0, help="AdamW β1 of both optimisers.")
-    g.add_argument("--adam_beta2", type=Number(float, low=0, below=1), default=0.95, help="AdamW β2 of both optimisers.")
-    g.add_argument("--adam_weight_decay", type=Number(float, low=0), default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--lr_warmup_steps", type=Number(int, low=0), default=0,
+                   help="Generator LR warm-up steps.")
+    g.add_argument("--lr_num_cycles", type=Number(int, low=1), default=1,
+                   help="Cycles of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=Number(float, above=0), default=1.0,
+                   help="Power of the polynomial schedule.")
+    g.add_argument("--adam_beta1", type=Number(float, low=0, below=1), default=0.0,
+                   help="AdamW β1 of both optimisers.")
+    g.add_argument("--adam_beta2", type=Number(float, low=0, below=1), default=0.95,
+                   help="AdamW β2 of both optimisers.")
+    g.add_argument("--adam_weight_decay", type=Number(float, low=0), default=1e-2,
+                   help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=Number(float, above=0), default=1e-8, help="AdamW ε.")
     g.add_argument("--max_grad_norm", type=Number(float, low=0), default=1.0,
                    help="Gradient clipping of the student (0 disables).")
@@ -174,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the student (validation samples "
                    "use it; see --export_ema).")
-    g.add_argument("--ema_decay", type=Number(float, low=0, below=1), default=0.999, help="EMA decay per step.")
+    g.add_argument("--ema_decay", type=Number(float, low=0, below=1), default=0.999,
+                   help="EMA decay per step.")
     g.add_argument("--ema_start_step", type=Number(int, low=0), default=0,
                    help="The EMA copies the student until this step, then averages.")
     g.add_argument("--export_ema", action="store_true",
@@ -185,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp_timeout", type=Number(int, above=0), default=1800,
                    help="Seconds a collective operation (several processes) may wait for the other "
                    "processes before this one stops with an error instead of hanging.")
-    g.add_argument("--seed", type=SEED, default=None, help="Seed of initialisation, data order and noise.")
+    g.add_argument("--seed", type=SEED, default=None,
+                   help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",
                    help="Checkpoints, samples/, logs, config.yaml and the exported student.")
@@ -197,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA export; kohya also writes pytorch_lora_weights_kohya.safetensors "
                    "(UNet families SD1.x/SDXL, --train_mode lora).")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
-    g.add_argument("--report_to", type=Choice(tracker_names), default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--report_to", type=Choice(tracker_names), default="tensorboard",
+                   help="tensorboard, wandb, all or none.")
     g.add_argument("--tracker_project_name", default="tdm", help="Run name for the tracker.")
     g.add_argument("--checkpointing_steps", type=Number(int, low=0), default=500,
                    help="Save checkpoint-N/ every N steps (0 disables).")

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # peft is imported where it is used: the checks before a run (file names, LoRA shapes) need none
 

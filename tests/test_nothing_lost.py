@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run_script, tiny_flags
@@ -305,6 +304,14 @@ def test_yaml_values_convert_as_the_command_line_does(tmp_path):
     assert args.resolution == 64 and args.learning_rate == 1.0 and isinstance(args.learning_rate, float)
     assert args.guidance_embedding is False and args.revision == "2"
     assert args.validation_prompts == ["a cat"] and args.unify_steps == [1, 2, 4]
+
+
+def test_a_runs_resolved_config_reads_back(finished_run):
+    """config.yaml holds resolved values (guidance_embedding null, lora_alpha, the grid)."""
+    from tdm.config import parse_args
+
+    args = parse_args(["--config", str(finished_run / "config.yaml")])
+    assert args.guidance_embedding is None and args.timesteps == [899, 674, 449, 224]
 
 
 @pytest.mark.parametrize("argv, message", [
