@@ -99,7 +99,8 @@ def run_outputs(output_dir: str, logging_dir: str) -> List[str]:
     paths += [os.path.join(output_dir, name) for name in (
         KOHYA_WEIGHT_NAME, STEP_EMBEDDING_NAME, "samples", logging_dir, "config.yaml",
         "train_log.jsonl", "README.md")]
-    return [path for path in dict.fromkeys(paths) if os.path.lexists(path)]
+    # only inside the folder (an absolute --logging_dir elsewhere is not this folder's)
+    return [path for path in dict.fromkeys(paths) if os.path.lexists(path) and _inside(path, output_dir)]
 
 
 def clear_previous_run(output_dir: str, logging_dir: str) -> List[str]:
