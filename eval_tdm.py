@@ -23,44 +23,48 @@ from typing import Optional
 
 import torch
 
-from infer_tdm import as_teacher, sample_student, student_pipeline
-from tdm.config import DEFAULT_MODEL, UsageError, int_list
+from infer_tdm import as_teacher, sample_student, sampling_timesteps, student_pipeline
+from tdm.checks import Number, Parser, UsageError, check_writable_folder, choice, did_you_mean
+from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
 
 METRICS = ("clip", "hpsv2", "image_reward", "fid")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True,
                    help="The student: a training output dir, a LoRA .safetensors or a full model folder.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Teacher pipeline (hub id or folder); default: the one the student was trained from.")
-    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--lora_scale", type=Number(float), default=1.0)
     p.add_argument("--prompts_file", default=None,
                    help="Prompts: .txt (one a line), .jsonl/.json/.csv/.parquet, dataset folder or hub id.")
     p.add_argument("--caption_column", default=None, help="Column of a table or dataset of prompts.")
     p.add_argument("--prompt", action="append", default=None, help="Repeatable; added to the file's.")
-    p.add_argument("--num_prompts", type=int, default=None, help="Only the first N prompts.")
-    p.add_argument("--num_inference_steps", type=int, default=4)
+    p.add_argument("--num_prompts", type=Number(int, low=1), default=None,
+                   help="Only the first N prompts.")
+    p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Student grid; default: the training grid (or k·T/K − 1).")
-    p.add_argument("--sampler", choices=["grid", "upstream"], default="grid",
+    p.add_argument("--sampler", **choice("grid", "upstream"), default="grid",
                    help="Student sampler, as in infer_tdm.py.")
-    p.add_argument("--flow_shift", type=float, default=None)
-    p.add_argument("--teacher_steps", type=int, default=25,
+    p.add_argument("--flow_shift", type=Number(float, above=0), default=None)
+    p.add_argument("--teacher_steps", type=Number(int, low=0), default=25,
                    help="0: no teacher (FID then needs --reference_dir).")
-    p.add_argument("--teacher_cfg", "--teacher_guidance", dest="teacher_cfg", type=float, default=4.5)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--teacher_cfg", "--teacher_guidance", dest="teacher_cfg", type=Number(float, low=0),
+                   default=4.5)
+    p.add_argument("--seed", type=SEED, default=0,
                    help="Prompt i is sampled from seed + i (teacher and student).")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch_size", type=Number(int, low=1), default=4)
+    p.add_argument("--height", type=Number(int, low=1), default=None,
+                   help="Default: the training resolution.")
+    p.add_argument("--width", type=Number(int, low=1), default=None)
     p.add_argument("--metrics", default=",".join(METRICS),
                    help=f"Comma-separated subset of {', '.join(METRICS)}.")
     p.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
                    help="transformers CLIP (hub id or folder) for the CLIP score.")
-    p.add_argument("--hps_version", choices=["v2.0", "v2.1"], default="v2.1")
+    p.add_argument("--hps_version", **choice("v2.0", "v2.1"), default="v2.1")
     p.add_argument("--hps_checkpoint", default=None, help="Local HPS checkpoint (default: downloaded).")
     p.add_argument("--image_reward_model", default="ImageReward-v1.0")
     p.add_argument("--reference_dir", default=None,
@@ -70,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A callable returning the FID feature network (uint8 [N,3,H,W] → [N,D]); "
                    "default: torch-fidelity's InceptionV3, 2048-d pool features.")
     p.add_argument("--output_dir", default=None, help="Default: <student folder>/eval.")
-    p.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in samples.png.")
+    p.add_argument("--grid_prompts", type=Number(int, low=0), default=8,
+                   help="Prompts shown in samples.png.")
     p.add_argument("--save_images", action="store_true",
                    help="Also write every sample to OUTPUT_DIR/{student,teacher}/NNNNN.png.")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+    p.add_argument("--dtype", **choice("fp32", "fp16", "bf16"), default=None,
                    help="Default: fp16 on CUDA, fp32 on CPU.")
     return p
 
@@ -99,16 +104,13 @@ def import_factory(spec: str):
 
 
 def check_args(args) -> tuple:
-    """(prompts, weights, metrics) or a UsageError, before any model is loaded."""
-    from tdm.evaluation import reference_paths
+    """(prompts, weights, metrics, output_dir) or a UsageError, before any model is loaded."""
     from tdm.sampling import resolve_weights
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += load_prompts(args.prompts_file, args.caption_column)
+        prompts += load_prompts(args.prompts_file, args.caption_column, flag="--prompts_file")
     if args.num_prompts is not None:
-        if args.num_prompts < 1:
-            raise UsageError(f"--num_prompts {args.num_prompts} must be at least 1")
         prompts = prompts[:args.num_prompts]
     if not prompts:
         raise UsageError("give --prompts_file or --prompt (repeatable)")
@@ -119,25 +121,45 @@ def check_args(args) -> tuple:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise UsageError(f"--metrics {args.metrics}: unknown {', '.join(unknown)}; "
-                         f"choose from {', '.join(METRICS)}")
+        raise UsageError(f"--metrics {args.metrics}: unknown {', '.join(unknown)}"
+                         f"{did_you_mean(unknown[0], METRICS)} (choose from {', '.join(METRICS)})")
     if args.clip_model.lower() == "none" and "clip" in metrics:
         metrics.remove("clip")
     if "clip" in metrics and not os.path.exists(args.clip_model) and (
             os.path.isabs(args.clip_model) or args.clip_model.startswith(".")):
         raise UsageError(f"--clip_model {args.clip_model}: no such folder")
-    if args.batch_size < 1 or args.teacher_steps < 0:
-        raise UsageError("--batch_size must be ≥ 1 and --teacher_steps ≥ 0")
-    if args.reference_dir is not None:
-        if not os.path.isdir(args.reference_dir):
-            raise UsageError(f"--reference_dir {args.reference_dir}: no such folder")
-        if len(reference_paths(args.reference_dir)) < 2:
-            raise UsageError(f"--reference_dir {args.reference_dir}: FID needs at least 2 images")
+    if "fid" in metrics and args.reference_dir is not None:
+        check_reference_images(args.reference_dir)
     elif "fid" in metrics and args.teacher_steps == 0:
         raise UsageError("FID without the teacher (--teacher_steps 0) needs --reference_dir")
-    if args.output_dir and os.path.isfile(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir} is a file")
-    return prompts, weights, metrics
+    output_dir = args.output_dir or os.path.join(export_folder(args.weights) or os.path.dirname(
+        os.path.abspath(weights[1])), "eval")
+    if os.path.isfile(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file")
+    check_writable_folder("--output_dir", output_dir)
+    return prompts, weights, metrics, output_dir
+
+
+def check_reference_images(folder: str) -> None:
+    """FID's reference: at least 2 images, each of which decodes (all read now, not after the
+    sampling)."""
+    from PIL import Image
+
+    from tdm.evaluation import reference_paths
+
+    if not os.path.isdir(folder):
+        raise UsageError(f"--reference_dir {folder}: no such folder")
+    paths = reference_paths(folder)
+    if len(paths) < 2:
+        raise UsageError(f"--reference_dir {folder}: FID needs at least 2 images")
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"--reference_dir {folder}: cannot read {os.path.basename(path)} "
+                             f"({first_line})") from None
 
 
 @contextlib.contextmanager
@@ -172,10 +194,10 @@ def run(argv=None) -> int:
                                 load_clip, load_hpsv2, load_image_reward, markdown_table,
                                 reference_batches)
     from tdm.images import image_grid
-    from tdm.sampling import student_timesteps, training_config
+    from tdm.sampling import training_config
 
     args = build_parser().parse_args(argv)
-    prompts, weights, wanted = check_args(args)
+    prompts, weights, wanted, output_dir = check_args(args)
     extractor = import_factory(args.fid_feature_extractor) if args.fid_feature_extractor else None
     config = training_config(args.weights)
     model_path = args.pretrained_model_name_or_path or config.get("pretrained_model_name_or_path",
@@ -230,11 +252,12 @@ def run(argv=None) -> int:
         except Unavailable as error:
             status["fid"] = {"status": "skipped", "reason": str(error)}
 
-    timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
+    timesteps = sampling_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),
                                       num_steps=len(timesteps),
-                                      student_guidance=config.get("student_guidance"))
+                                      student_guidance=config.get("student_guidance"),
+                                      sizes={"--height": args.height, "--width": args.width})
     if config.get("max_sequence_length"):
         backbone.max_sequence_length = config["max_sequence_length"]
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
@@ -243,8 +266,6 @@ def run(argv=None) -> int:
     width = args.width or trained_w or height
 
     student_folder = export_folder(args.weights)
-    output_dir = args.output_dir or os.path.join(student_folder or os.path.dirname(
-        os.path.abspath(weights[1])), "eval")
 
     # Sample and score, streaming: the student first, then the teacher in one switch.
     runs = [("student", len(timesteps))] + ([("teacher", args.teacher_steps)] if args.teacher_steps else [])
@@ -284,7 +305,7 @@ def run(argv=None) -> int:
                         image.save(os.path.join(output_dir, name, f"{start + i:05d}.png"))
                 progress.update(len(batch))
     progress.close()
-    if args.reference_dir:
+    if args.reference_dir and fid:   # read only where FID runs against it
         for batch in reference_batches(args.reference_dir, size, args.batch_size):
             for metric in fid.values():
                 fid_update(metric, batch, real=True)

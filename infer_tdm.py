@@ -17,59 +17,68 @@ from typing import List, Optional
 
 import torch
 
-from tdm.config import DEFAULT_MODEL, int_list
+from tdm.checks import Number, Parser, UsageError, check_output_file, choice, image_extensions
+from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
+
+VIDEO_EXTENSIONS = (".mp4", ".gif")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Teacher pipeline; default: the one the student was trained from.")
     p.add_argument("--weights", default=None,
                    help="Training output dir, a LoRA .safetensors, or a full transformer folder.")
-    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--lora_scale", type=Number(float), default=1.0)
     p.add_argument("--prompt", action="append", default=None, help="Repeatable.")
     p.add_argument("--prompts_file", default=None, help="A .txt with one prompt a line.")
-    p.add_argument("--num_inference_steps", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Explicit grid; default: the training grid (or k·T/K − 1).")
-    p.add_argument("--sampler", choices=["grid", "upstream"], default="grid",
+    p.add_argument("--sampler", **choice("grid", "upstream"), default="grid",
                    help="grid: the exact training rollout on the student's grid; upstream: the "
                    "sampler of the family's published TDM snippet (DPM-Solver++ multistep).")
-    p.add_argument("--flow_shift", type=float, default=None,
+    p.add_argument("--flow_shift", type=Number(float, above=0), default=None,
                    help="Flow shift of the upstream DPM-Solver for rectified-flow models (1–6).")
-    p.add_argument("--num_frames", type=int, default=None, help="Video backbones: frames.")
-    p.add_argument("--fps", type=int, default=8, help="Video backbones: frames per second.")
-    p.add_argument("--guidance_scale", type=float, default=None,
+    p.add_argument("--num_frames", type=Number(int, low=1), default=None, help="Video backbones: frames.")
+    p.add_argument("--fps", type=Number(int, low=1), default=8,
+                   help="Video backbones: frames per second.")
+    p.add_argument("--guidance_scale", type=Number(float, low=0), default=None,
                    help="Default: what the student was trained for (1; FLUX.1-dev: --student_guidance).")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--height", type=Number(int, low=1), default=None,
+                   help="Default: the training resolution.")
+    p.add_argument("--width", type=Number(int, low=1), default=None)
     p.add_argument("--output", default="tdm.png",
                    help="PNG, a grid for several prompts; video backbones: .mp4 (or .gif), one "
                    "file per prompt and sampler when there are several.")
-    p.add_argument("--teacher_steps", type=int, default=None,
+    p.add_argument("--teacher_steps", type=Number(int, low=1), default=None,
                    help="Also render the teacher with this many steps, in the same grid.")
-    p.add_argument("--teacher_guidance", type=float, default=4.5)
+    p.add_argument("--teacher_guidance", type=Number(float, low=0), default=4.5)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+    p.add_argument("--dtype", **choice("fp32", "fp16", "bf16"), default=None,
                    help="Default: fp16 on CUDA, fp32 on CPU.")
     return p
 
 
 def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
                      backbone_name: str = "auto", backbone_options: Optional[dict] = None,
-                     num_steps: Optional[int] = None, student_guidance: Optional[float] = None):
+                     num_steps: Optional[int] = None, student_guidance: Optional[float] = None,
+                     sizes: Optional[dict] = None):
     """(stock pipeline of the teacher with the student applied, its backbone adapter). A
     step-conditioned student (TDM-unify) is conditioned on K = `num_steps`; a guidance-embedded
-    one (FLUX.1-dev) samples with the `student_guidance` it was trained with."""
+    one (FLUX.1-dev) samples with the `student_guidance` it was trained with. `sizes` (flag →
+    pixels, e.g. --height) are checked against the model before any weight loads."""
     from tdm.backbones import load_backbone
 
-    from tdm.config import UsageError
     from tdm.lora import check_lora_file
 
     try:
         backbone = load_backbone(model_path, backbone_name, options=backbone_options)
+        for flag, side in (sizes or {}).items():
+            if side is not None:
+                backbone.check_resolution(side, flag)
         if student_guidance is not None:
             backbone.set_guidance(None, student_guidance)
         skeleton = backbone.denoiser_skeleton() if weights and weights[0] == "lora" else None
@@ -141,8 +150,6 @@ def as_teacher(pipe, backbone, weights, scheduler, dtype):
 
 
 def main(argv=None) -> int:
-    from tdm.config import UsageError
-
     try:
         return run(argv)
     except UsageError as error:
@@ -150,33 +157,61 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_output(path: str, model_path: str, config: dict) -> None:
+    """--output: a folder it can be written to and a file type for what this model makes, before
+    any model loads (sampling first would lose the samples)."""
+    images = "an image type (.png, .jpg, .webp, … any that Pillow writes)"
+    check_output_file("--output", path, image_extensions() + VIDEO_EXTENSIONS,
+                      f"{images} or a video (.mp4, .gif)")
+    from tdm.backbones import backbone_class
+
+    try:
+        is_video = backbone_class(config.get("backbone", "auto"), model_path).is_video
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--pretrained_model_name_or_path {model_path}: "
+                         f"{str(error).strip().splitlines()[0]}") from None
+    if is_video:
+        check_output_file("--output", path, VIDEO_EXTENSIONS, "a video (.mp4, .gif) for this video model")
+    else:
+        check_output_file("--output", path, image_extensions(), f"{images} for this image model")
+
+
+def sampling_timesteps(num_steps: int, config: dict, timesteps: Optional[List[int]]) -> List[int]:
+    from tdm.sampling import student_timesteps
+
+    try:
+        return student_timesteps(num_steps, config, timesteps)
+    except ValueError as error:
+        raise UsageError(f"--timesteps/--num_inference_steps: {error}") from None
+
+
 def run(argv=None) -> int:
     from tdm.images import image_grid
-    from tdm.sampling import resolve_weights, student_timesteps, training_config
+    from tdm.sampling import resolve_weights, training_config
 
     args = build_parser().parse_args(argv)
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += load_prompts(args.prompts_file)
+        prompts += load_prompts(args.prompts_file, flag="--prompts_file")
     if not prompts:
-        print("error: give --prompt (repeatable) or --prompts_file", file=sys.stderr)
-        return 2
+        raise UsageError("give --prompt (repeatable) or --prompts_file")
     try:
         weights = resolve_weights(args.weights)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     config = training_config(args.weights)
     model_path = args.pretrained_model_name_or_path or config.get("pretrained_model_name_or_path",
                                                                   DEFAULT_MODEL)
+    check_output(args.output, model_path, config)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    timesteps = student_timesteps(args.num_inference_steps, config, args.timesteps)
+    timesteps = sampling_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),
                                       num_steps=len(timesteps),
-                                      student_guidance=config.get("student_guidance"))
+                                      student_guidance=config.get("student_guidance"),
+                                      sizes={"--height": args.height, "--width": args.width})
     trained_h, trained_w = (backbone.image_size(config["resolution"]) if config.get("resolution")
                             else (None, None))
     height = args.height or trained_h

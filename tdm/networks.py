@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .backbones.base import Backbone, Denoiser
-from .checkpoint import load_trainable, save_trainable
+from .checkpoint import checkpointed_names, load_trainable, save_trainable
 from .roles import enable_gradient_checkpointing, role_scope
 from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
                              attach_step_embeddings, detached, find_step_embeddings,
@@ -155,7 +155,7 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         student_eval=backbone.denoiser(student_wrapped if sharded else student, STUDENT),
         fake_score_eval=backbone.denoiser(fake_score_wrapped if sharded else fake_score, FAKE_SCORE),
         student_params=_trainable(student_wrapped), fake_score_params=_trainable(fake_score_wrapped),
-        student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake_score},
+        student_module=student, checkpointed={} if sharded else dict(zip(checkpointed_names("full"), (student, fake_score))),
         wrapped=[student_wrapped, fake_score_wrapped], sharded=sharded)
 
 
@@ -181,5 +181,5 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
                     student=student, fake_score=fake_score, student_eval=student,
                     fake_score_eval=fake_score,
                     student_params=params[STUDENT], fake_score_params=params[FAKE_SCORE],
-                    student_module=base, student_adapter=STUDENT, checkpointed={"lora": base},
+                    student_module=base, student_adapter=STUDENT, checkpointed=dict(zip(checkpointed_names("lora"), (base,))),
                     manual_gradient_sync=True)

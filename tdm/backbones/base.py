@@ -103,12 +103,13 @@ class Backbone:
         size = resolution // self.vae_scale_factor
         return (self.denoiser_config["in_channels"], size, size)
 
-    def check_resolution(self, resolution: int) -> None:
-        """Raise ValueError unless latents of this size fit the VAE factor and the patch size."""
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
+        """Raise ValueError unless latents of this size fit the VAE factor and the patch size
+        (`flag`: the option named in the message, e.g. infer_tdm.py's --height)."""
         patch = self.denoiser_config.get("patch_size") or 1
         factor = self.vae_scale_factor * patch
         if resolution <= 0 or resolution % factor:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} "
+            raise ValueError(f"{flag} {resolution} must be a multiple of {factor} "
                              f"(VAE factor {self.vae_scale_factor} × patch size {patch})")
 
     def check_fit(self, args) -> None:

@@ -129,7 +129,7 @@ class CogVideoXBackbone(Backbone):
             raise ValueError(f"--max_sequence_length {tokens}: this CogVideoX's positional table "
                              f"holds exactly {capacity} text tokens; use {capacity} (or drop the flag)")
 
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         factor = self.vae_scale_factor * self.denoiser_config["patch_size"]
         for side in self.image_size(resolution):
             if side <= 0 or side % factor:

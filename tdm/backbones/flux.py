@@ -104,11 +104,11 @@ class FluxBackbone(FlowMatchingBackbone):
         self.vae = None
 
     # -- limits ---------------------------------------------------------------------------
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """Packing takes 2×2 latent patches: a multiple of VAE factor × 2 (16 for FLUX.1)."""
         factor = self.vae_scale_factor * 2
         if resolution <= 0 or resolution % factor:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} (VAE factor "
+            raise ValueError(f"{flag} {resolution} must be a multiple of {factor} (VAE factor "
                              f"{self.vae_scale_factor} × 2 for FLUX's 2×2 packing); use "
                              f"{max(factor, round(resolution / factor) * factor)}")
 

@@ -91,11 +91,11 @@ class SanaBackbone(FlowMatchingBackbone):
     # Gemma encoder, so that its own encode_prompt embeds prompts, and the DC-AE).
 
     # -- fit ------------------------------------------------------------------------------
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """The DC-AE factor × patch size (Backbone), and SanaPipeline's own multiple of 32."""
-        super().check_resolution(resolution)
+        super().check_resolution(resolution, flag)
         if resolution % SANA_PATTERN_FACTOR:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {SANA_PATTERN_FACTOR} "
+            raise ValueError(f"{flag} {resolution} must be a multiple of {SANA_PATTERN_FACTOR} "
                              "(SanaPipeline refuses other sizes)")
 
     def condition_key(self) -> str:

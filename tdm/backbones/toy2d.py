@@ -99,7 +99,7 @@ class Toy2DBackbone(Backbone):
     def latent_shape(self, resolution: int, num_frames=None) -> tuple:
         return (2,)
 
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """The toy has no image resolution; any value is accepted."""
 
     @torch.no_grad()

@@ -147,7 +147,7 @@ class WanBackbone(FlowMatchingBackbone):
         return (self.denoiser_config["in_channels"], self.latent_frames(num_frames),
                 height // self.vae_scale_factor, width // self.vae_scale_factor)
 
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """Height and width: multiples of VAE factor × patch (WanPipeline would silently round
         them down), and within the rotary table of `rope_max_seq_len` positions per axis."""
         _, patch_h, patch_w = self.denoiser_config["patch_size"]
