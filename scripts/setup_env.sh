@@ -1,19 +1,23 @@
 # Sourced by demo.sh and test.sh: create .venv and install the locked package set once.
 # requirements.lock (scripts/lock.sh) pins every package, the CPU build of torch included, so
 # CI and users get what was tested. TORCH_SPEC replaces its torch pin (e.g. a CUDA build:
-# TORCH_SPEC="torch==2.14.1"); the stamp covers the lock, TORCH_SPEC and the Python, so changing
-# any of them reinstalls.
+# TORCH_SPEC="torch==2.14.1"). The stamp covers the lock, TORCH_SPEC and the Python: when any
+# of them changes, .venv is built anew, so that it holds exactly the lock (a package that left
+# the lock leaves the venv too).
 VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-$(grep -i '^torch==' requirements.lock)}
+stamp="$VENV/.requirements.sha"
+want=$( { cat requirements.lock; echo "$TORCH_SPEC"; python3 -V; } | sha1sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup_env: requirements.lock, TORCH_SPEC or Python changed: rebuilding $VENV" >&2
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-torch_pin=$(grep -i '^torch==' requirements.lock)
-TORCH_SPEC=${TORCH_SPEC:-$torch_pin}
-stamp="$VENV/.requirements.sha"
-want=$( { cat requirements.lock; echo "$TORCH_SPEC"; python -V; } | sha1sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip >/dev/null
   # the lock is complete: no dependency is resolved afresh (pip check below proves it consistent)
   locked=$(mktemp)
