@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from infer_tdm import as_teacher, sample_student, sampling_timesteps, student_pipeline
-from tdm.checks import Number, Parser, UsageError, check_writable_folder, choice, did_you_mean
+from tdm.checks import (Number, Parser, UsageError, check_writable_folder, choice, did_you_mean,
+                        first_line, model_error)
 from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
 
@@ -99,7 +100,7 @@ def import_factory(spec: str):
     try:
         factory = getattr(importlib.import_module(module_name), attr or "")
     except (ImportError, AttributeError, ValueError) as error:
-        raise UsageError(f"--fid_feature_extractor {spec}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"--fid_feature_extractor {spec}: {first_line(error)}") from None
     return factory()
 
 
@@ -157,9 +158,8 @@ def check_reference_images(folder: str) -> None:
             with Image.open(path) as image:
                 image.load()
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UsageError(f"--reference_dir {folder}: cannot read {os.path.basename(path)} "
-                             f"({first_line})") from None
+                             f"({first_line(error)})") from None
 
 
 @contextlib.contextmanager
@@ -205,8 +205,7 @@ def run(argv=None) -> int:
     try:
         cls = backbone_class(config.get("backbone", "auto"), model_path)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--pretrained_model_name_or_path {model_path}: "
-                         f"{str(error).strip().splitlines()[0]}") from None
+        raise model_error("--pretrained_model_name_or_path", model_path, error) from None
     if cls.is_video or not cls.pipeline_class_names:
         raise UsageError(f"eval_tdm.py scores text-to-image pipelines; {cls.name} is not one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -218,8 +217,7 @@ def run(argv=None) -> int:
         try:
             clip = load_clip(args.clip_model, device)
         except (OSError, ValueError) as error:
-            raise UsageError(f"--clip_model {args.clip_model}: "
-                             f"{str(error).strip().splitlines()[0]}") from None
+            raise model_error("--clip_model", args.clip_model, error) from None
         scorers["clip_score"] = lambda images, texts: clip_scores(*clip, images, texts)
         status["clip_score"] = {"status": "ok", "model": args.clip_model}
     else:

@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import torch
 
-from tdm.checks import Number, Parser, UsageError, check_output_file, choice, image_extensions
+from tdm.checks import (Number, Parser, UsageError, check_output_file, choice, image_extensions,
+                        first_line, model_error, offline_hint)
 from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
 
@@ -85,7 +86,7 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
         if skeleton is not None:
             check_lora_file(weights[1], skeleton, backbone.lora_prefix)
     except (OSError, ValueError) as error:
-        raise UsageError(str(error).strip().splitlines()[0]) from None
+        raise UsageError(offline_hint(error) or first_line(error)) from None
     pipe = backbone.load_pipeline(dtype, weights, lora_scale).to(device)
     pipe.set_progress_bar_config(disable=True)
     if weights:
@@ -168,8 +169,7 @@ def check_output(path: str, model_path: str, config: dict) -> None:
     try:
         is_video = backbone_class(config.get("backbone", "auto"), model_path).is_video
     except (OSError, ValueError) as error:
-        raise UsageError(f"--pretrained_model_name_or_path {model_path}: "
-                         f"{str(error).strip().splitlines()[0]}") from None
+        raise model_error("--pretrained_model_name_or_path", model_path, error) from None
     if is_video:
         check_output_file("--output", path, VIDEO_EXTENSIONS, "a video (.mp4, .gif) for this video model")
     else:

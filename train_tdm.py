@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tdm.checks import model_error
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
                         check_output_dir, parse_args, save_resolved_config)
 from tdm.data import load_prompts
@@ -299,9 +300,8 @@ def build(args):
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                                  args.variant, args.backbone_options, args.resolution)
     except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
-        first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
-                         f"{first_line}") from None
+        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                          error) from None
     try:
         backbone.check_fit(args)
         guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)

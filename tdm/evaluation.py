@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import first_line
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -27,12 +29,6 @@ def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
     torch-fidelity's InceptionV3) expects."""
     arrays = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type where the message is empty)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- CLIP score ---------------------------------------------------------------------------------
