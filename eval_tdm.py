@@ -355,7 +355,6 @@ def run(argv=None) -> int:
     if student_folder is not None:
         from tdm.model_card import write_model_card
 
-        backbone.resolution = backbone.resolution or config.get("resolution")
         write_model_card(student_folder, backbone, config, metrics=result)
     print(table, end="")
     print(f"wrote {output_dir}/metrics.json, metrics.md, samples.png"

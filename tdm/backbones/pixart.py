@@ -117,11 +117,12 @@ class PixArtBackbone(Backbone):
         return {"use_resolution_binning": False, "clean_caption": False,
                 "max_sequence_length": self.max_sequence_length}
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames=None) -> str:
         """A LoRA needs the transformer as a subclass with diffusers' PEFT mixin and
         `load_lora_adapter` (the PixArt pipelines have no LoRA loader), as `load_pipeline` does."""
         if weights_kind != "lora":
-            return super().loading_snippet(weights_kind, student_location, timesteps)
+            return super().loading_snippet(weights_kind, student_location, timesteps, num_frames)
         from ..model_card import diffusers_snippet
 
         imports = ["from diffusers import PixArtTransformer2DModel",

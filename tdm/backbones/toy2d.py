@@ -123,15 +123,17 @@ class Toy2DBackbone(Backbone):
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), t, cond["class_labels"])
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames=None) -> str:
         """The toy has no diffusers pipeline: load the student with this repository's adapter and
-        roll it out on its grid (run from a checkout of this repository)."""
+        roll it out on its grid (`tdm` installed: `pip install -e .` in the checkout)."""
         output_dir = os.path.dirname(student_location)
         return "\n".join([
             "import torch",
             "from tdm.backbones import load_backbone",
             "from tdm.trajectory import StepGrid, rollout", "",
-            f"backbone = load_backbone({self.model_path!r}, \"toy2d\", options={self.options!r})",
+            f"backbone = load_backbone({os.path.abspath(self.model_path)!r}, \"toy2d\", "
+            f"options={self.options!r})",
             f"student = backbone.denoiser(backbone.load_student({output_dir!r}).eval())",
             "cond = backbone.encode_prompts([\"\"] * 1000)   # or class labels of a conditional mixture",
             "noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))",
