@@ -243,7 +243,7 @@ def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None
 
 
 def _metrics_section(result: dict) -> str:
-    from .evaluation import markdown_table
+    from .evaluation import markdown_table, report_notes
 
     prompts = result.get("prompts", {})
     teacher = result.get("teacher", {})
@@ -252,11 +252,8 @@ def _metrics_section(result: dict) -> str:
              f"{result.get('seed')}, teacher {teacher.get('steps')} steps with CFG "
              f"{teacher.get('guidance_scale')}, CLIP "
              f"`{result.get('metrics', {}).get('clip_score', {}).get('model', '–')}`.\n",
-             markdown_table(result["rows"], result.get("fid_reference", "teacher"))]
-    skipped = [f"- {k}: skipped ({v.get('reason')})" for k, v in result.get("metrics", {}).items()
-               if v.get("status") != "ok"]
-    if skipped:
-        lines.append("\n".join(skipped) + "\n")
+             markdown_table(result["rows"], result.get("fid_reference", "teacher")),
+             "\n".join(report_notes(result)) + "\n"]
     return "\n".join(lines)
 
 
