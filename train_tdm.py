@@ -33,6 +33,18 @@ from tdm.run_folder import clear_previous_run, plan_start
 logger = logging.getLogger("tdm")
 
 
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: on lines of their own above the progress bar, not glued to it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +284,8 @@ def build(args):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     # warnings only until the run starts (main): a refused start prints its one line alone
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
+                        handlers=[TqdmLogHandler()])
     check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
     sharded = accelerator.distributed_type.value == "FSDP"
     resume_from, start_step = plan_start(args.output_dir, args.resume_from_checkpoint,
@@ -483,6 +496,7 @@ def main(args) -> int:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
                     log_validation(accelerator, args, run, global_step)
             if stop.requested(accelerator):
+                progress.close()
                 path = save_checkpoint(accelerator, args, global_step)
                 logger.info("%s received: saved %s at step %d; continue with "
                             "--resume_from_checkpoint latest", stop.received or "stop signal",
@@ -491,6 +505,7 @@ def main(args) -> int:
                 return 0
             if global_step >= args.max_train_steps:
                 break
+    progress.close()   # what follows is printed on lines of its own
 
     accelerator.wait_for_everyone()
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0

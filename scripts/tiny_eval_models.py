@@ -81,6 +81,11 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()        # no "Writing model shards" bars
+    transformers_logging.disable_progress_bar()
     clip = build_tiny_clip(os.path.join(args.output_dir, "clip"))
     pixart = build_tiny_pixart(os.path.join(args.output_dir, "pixart"))
     print(f"wrote {clip} (CLIP) and {pixart} (PixArt-α pipeline); FID features: "

@@ -62,16 +62,21 @@ class Toy2DBackbone(Backbone):
         tdm.step_condition.set_num_steps; it starts at 4)."""
         from ..lora import LORA_WEIGHT_NAME
         lora = os.path.join(output_dir, LORA_WEIGHT_NAME)
-        if os.path.isfile(lora):
-            net = self.load_denoiser(dtype)
-            net.load_lora_adapter(lora, prefix=self.lora_prefix, adapter_name="tdm")
-            location = lora
-        else:
-            location = os.path.join(output_dir, self.denoiser_subfolder)
-            net = ToyDenoiser.from_pretrained(location, dtype=dtype)
+        kind, location = (("lora", lora) if os.path.isfile(lora)
+                          else ("full", os.path.join(output_dir, self.denoiser_subfolder)))
+        net = self.load_weights(kind, location, dtype)
         steps = find_step_embedding_file(location)
         if steps:
             apply_step_embedding(net, steps, 4)
+        return net
+
+    def load_weights(self, kind: str, location: str, dtype=torch.float32) -> torch.nn.Module:
+        """The student at `location` ("lora": a LoRA file on the teacher; "full": a ToyDenoiser
+        folder), as tdm.sampling.resolve_weights names it; without its step embedding."""
+        if kind == "full":
+            return ToyDenoiser.from_pretrained(location, dtype=dtype)
+        net = self.load_denoiser(dtype)
+        net.load_lora_adapter(location, prefix=self.lora_prefix, adapter_name="tdm")
         return net
 
     def load_text_encoders(self, device, dtype) -> None:
