@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a TDM student against its teacher: CLIP score, HPSv2, ImageReward and FID on a prompt set.
 
-    python eval_tdm.py --weights tdm-pixart --prompts_file prompts.txt --teacher_steps 25 \
+    python eval_tdm.py --weights tdm-pixart --prompts_file assets/prompts.txt --teacher_steps 25 \
         --teacher_cfg 4.5 --clip_model openai/clip-vit-large-patch14 --output_dir eval-pixart
 
 The student samples K steps on its training grid with guidance 1 (as infer_tdm.py), the teacher

@@ -2,7 +2,7 @@
 """Trajectory Distribution Matching (TDM): distil a diffusion model into a K-step student.
 
     accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
-        --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
+        --prompts assets/prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
 
 Per iteration (docs/method.md §2–5): roll the student θ out on its step grid from pure noise;
 update the fake score ψ on points of that trajectory; then update the student with the
