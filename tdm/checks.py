@@ -44,12 +44,13 @@ def offline_hint(error: BaseException) -> str:
     """Why and what to do when `error` (or an error it was raised from) says that a file was
     neither reachable on the hub nor in the local cache: offline mode, or no network; "" for
     any other error."""
-    names, seen = set(), set()
+    markers = ("LocalEntryNotFoundError", "OfflineModeIsEnabled")   # datasets names it in its message
+    found, seen = False, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        names.add(type(error).__name__)
+        found = found or type(error).__name__ in markers or any(m in str(error) for m in markers)
         error = error.__cause__ or error.__context__
-    if not names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+    if not found:
         return ""
     fix = "give a local folder, or download it once with network access"
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):

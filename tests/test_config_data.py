@@ -165,6 +165,21 @@ def test_a_hub_id_not_in_the_cache_names_offline_mode_or_the_network(tmp_path, m
         f"--x f: {tmp_path / 'folder'} is not a diffusers pipeline folder (no model_index.json)")
 
 
+def test_prompt_errors_name_the_flag_as_typed_and_offline_mode(capsys):
+    """A missing prompt file is named by the flag the user typed (--prompts_file in infer_tdm.py
+    and eval_tdm.py, --prompts in train_tdm.py); a datasets hub id offline says offline mode."""
+    import eval_tdm
+    import infer_tdm
+
+    for main in (eval_tdm.main, infer_tdm.main):
+        assert main(["--weights", "w", "--prompts_file", "missing.txt"]) == 2
+        assert capsys.readouterr().err == "error: --prompts_file missing.txt: no such file or folder\n"
+    with pytest.raises(UsageError) as error:
+        load_prompts("tdm-tests/not-a-cached-dataset", flag="--prompts_file")
+    assert str(error.value).startswith("--prompts_file tdm-tests/not-a-cached-dataset: not in the "
+                                       "local Hugging Face cache, and HF_HUB_OFFLINE is set")
+
+
 def test_flag_reference_documents_every_flag():
     from tdm.config import build_parser
 
