@@ -177,9 +177,6 @@ def quiet_loading():
         transformers_logging.enable_progress_bar()
 
 
-REQUESTED = {"clip": "clip_score", "hpsv2": "hpsv2", "image_reward": "image_reward", "fid": "fid"}
-
-
 def metric_models(args, wanted, num_prompts: int, extractor, device) -> tuple:
     """(status per metric, scorers of the per-image metrics, FID metric per model), before any
     sampling. A CLIP that does not load is bad input; an optional metric that cannot run is
@@ -232,8 +229,8 @@ def metric_models(args, wanted, num_prompts: int, extractor, device) -> tuple:
         raise UsageError(f"--metrics {args.metrics}: none can run here ("
                          + "; ".join(f"{k}: {v['reason']}" for k, v in status.items()) + ")"
                          if status else "--metrics: nothing to measure (--clip_model none)")
-    for metric in REQUESTED:   # the rest, as not requested
-        status.setdefault(REQUESTED[metric], {"status": "skipped", "reason": "not requested"})
+    for key in ("clip_score", "hpsv2", "image_reward", "fid"):   # the rest, as not requested
+        status.setdefault(key, {"status": "skipped", "reason": "not requested"})
     return status, scorers, fid
 
 
