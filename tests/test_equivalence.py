@@ -1,16 +1,19 @@
 """Every training path computes the plain reference's losses and gradients, by value.
 
 The production side is the script's own iteration (train_tdm.build + train_tdm.tdm_iteration on
-a tiny real model); the reference (tests/reference.py) uses separate ordinary modules per role,
-no checkpointing, the full rollout, two teacher calls for CFG and no caching. Both start from
-the same perturbed weights and replay the same random stream; losses, both updates' gradients
-and the weights after both optimiser steps must agree.
+a tiny real model); the reference (tests/reference.py) is docs/method.md transcribed again in
+float64, sharing no formula with tdm/, with separate ordinary modules per role, no checkpointing,
+the full rollout, two teacher calls for CFG and no caching. Both start from the same perturbed
+weights; the reference is given the random values the iteration drew (tests/harness.py records
+them) and checks the draws against its own grid; losses, both updates' gradients and the weights
+after both optimiser steps must agree.
 
 The proofs run in float64 (networks and inputs), so that their verdict cannot depend on a CPU's,
 a BLAS's or a batch size's rounding: measured over every family, mode and checkpointing
-(scripts/equivalence_spread.py), the worst error is ~3e-13 of a tensor's scale against
-RTOL_FP64 = 1e-9, while a wrong gradient is off by its own size. Two smoke checks keep the
-precisions that train: float32 and bf16 autocast, at bounds well above their measured spread.
+(scripts/equivalence_spread.py), the worst error is 1.5e-12 (an Adam step; gradients 4e-14) of a
+tensor's scale against RTOL_FP64 = 1e-9, while a wrong gradient is off by its own size. Two smoke
+checks keep the precisions that train: float32 and bf16 autocast, at bounds above their measured
+spread.
 """
 import os
 import sys
@@ -81,9 +84,9 @@ def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_models, tmp_p
 # the losses: single elements of near-cancelling sums round differently with batch composition
 # (training runs the teacher's CFG branches as one batch of 4, the reference as two of 2).
 # Measured over every family, mode and checkpointing (scripts/equivalence_spread.py,
-# 2026-12-05): fp32 worst 2.5e-5 (gradient) and 2.4e-6 (loss); bf16 autocast worst 0.02 and
-# 0.0098. The bounds sit 40× and 10× above; a wrong gradient is off by its own size (the
-# recompute bug: 1.22).
+# 2026-12-05) against the reference's float64 maths: fp32 worst 2.5e-4 (gradient, PixArt LoRA:
+# the training code's own float32 rounding) and 4e-5 (loss); bf16 autocast worst 0.02 and 0.0098.
+# The bounds sit 4× and 10× above; a wrong gradient is off by its own size (the recompute bug: 1.22).
 RTOL_FP32_SMOKE = 1e-3
 RTOL_BF16_SMOKE = 0.2
 
