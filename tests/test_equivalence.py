@@ -39,6 +39,7 @@ def check(tiny_models, tmp_path, family, flags, micro_batches=1, precision="fp64
         assert_records_equal(actual, expected, rtol)
     else:
         assert_records_close(actual, expected, rtol)
+    return production
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
@@ -78,6 +79,17 @@ def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_models, tmp_p
     flags = ["--train_mode", mode, "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
              "--use_separate"]
     check(tiny_models, tmp_path, "pixart", flags, micro_batches=2)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_unify_matches_the_reference_for_every_step_count(tiny_models, tmp_path, mode):
+    """TDM-unify with the step index, over three accumulated micro-batches that draw K = 2, 4 and 1
+    (seed 1; asserted): each K's grid, rollout, step tables and draws, where one iteration alone
+    (the option case above, seed 0) draws only the deepest K."""
+    flags = ["--train_mode", mode, "--unify_steps", "1,2,4", "--fake_step_condition", "--use_separate",
+             "--seed", "1", "--gradient_accumulation_steps", "3"]
+    production = check(tiny_models, tmp_path, "pixart", flags, micro_batches=3)
+    assert sorted(draws.num_steps for draws in production.draws) == [1, 2, 4]
 
 
 # Smoke checks of the precisions that train, by each update's whole gradient (relative L2) and
