@@ -136,7 +136,8 @@ def record_draws(tdm) -> List[dict]:
 
     def recorded_draw(*args, **kwargs):
         pair = draw(*args, **kwargs)
-        iterations[-1]["draws"] = [Draw(*(getattr(d, f).detach().cpu().clone() for f in ("k", "t_g", "t_e", "t")))
+        fields = ("k", "t_g", "t_e", "t")
+        iterations[-1]["draws"] = [Draw(*(getattr(d, f).detach().cpu().clone() for f in fields))
                                    for d in pair]
         return pair
 
@@ -227,6 +228,8 @@ def reference(production: Production, shard_prompts: List[List[List[str]]],
     (default: this production's); the shards of each micro-batch are concatenated into one batch."""
     args, run = production.args, production.run
     shard_draws = shard_draws or [production.draws]
+    assert all(len(shard) >= len(shard_prompts[0]) for shard in shard_draws), \
+        "no draws recorded for every micro-batch: run production.iterate before the reference"
     with default_dtype(production.dtype):
         return _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype)
 

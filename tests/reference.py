@@ -268,7 +268,7 @@ def step_counts(settings: Settings) -> List[int]:
 
 
 def step_grid(settings: Settings, K: int) -> List[int]:
-    """[τ_0, τ_1, …, τ_K] with τ_0 = −1 (indexed by k): τ_k = ⌊k·T/K⌋ − 1, or the explicit grid."""
+    """[τ_0, τ_1, …, τ_K], τ_0 = −1 (indexed by k): τ_k = ⌊k·T/K⌋ − 1, or the explicit grid."""
     if settings.timesteps and not settings.unify_steps:
         return [-1] + list(reversed(settings.timesteps))
     return [-1] + [k * settings.total_steps // K - 1 for k in range(1, K + 1)]
@@ -337,6 +337,10 @@ def uniform_range(low, high):
     return low, torch.maximum(high, low + 1)
 
 
+def assert_within(x, low, high, what: str) -> None:
+    assert ((x >= low) & (x < high)).all(), f"{what} {x.tolist()} outside [{low.tolist()}, {high.tolist()})"
+
+
 def check_draw(settings: Settings, tau: List[int], draw: Draw) -> None:
     """§3.1–3.3 on this file's grid: k in 1..K, t_g = τ_k, t_e = τ_{k−1} + 1 (randmid: in
     [τ_{k−1} + 1, t_g − 20)), t in [max(20, t_e), t_g − 10) (separate) or [.., T − 10)."""
@@ -347,12 +351,12 @@ def check_draw(settings: Settings, tau: List[int], draw: Draw) -> None:
     end = taus[k - 1] + 1
     if settings.randmid:
         low, high = uniform_range(end, taus[k] - 20)
-        assert ((draw.t_e >= low) & (draw.t_e < high)).all(), f"t_e {draw.t_e.tolist()} outside [{low.tolist()}, {high.tolist()})"
+        assert_within(draw.t_e, low, high, "t_e")
     else:
-        assert torch.equal(draw.t_e.long(), end), f"t_e {draw.t_e.tolist()} is not τ_(k−1) + 1 {end.tolist()}"
+        assert torch.equal(draw.t_e.long(), end), f"t_e {draw.t_e.tolist()} is not τ_(k−1) + 1: {end.tolist()}"
     top = taus[k] - 10 if settings.separate else torch.full_like(k, tau[K] + 1 - 10)
     low, high = uniform_range(draw.t_e.long().clamp(min=20), top)
-    assert ((draw.t >= low) & (draw.t < high)).all(), f"t {draw.t.tolist()} outside [{low.tolist()}, {high.tolist()})"
+    assert_within(draw.t, low, high, "t")
 
 
 def check_draws(settings: Settings, draws: Draws) -> List[int]:
@@ -482,11 +486,13 @@ def reference_iteration(nets: PlainNetworks, settings: Settings, micro_batches: 
             draw = d.fake_score_draw
             x0, eps = at_step(x0s, draw.k), at_step(epss, draw.k)
             x_t, m = point_of_trajectory(path, x0, eps, draw.t_e, draw.t, d.fake_score_noise)
-            x0_fake, _ = nets.fake_score(x_t, draw.t, cond, step_conditions(settings, K, draw.k, batch), guidance)
+            fake_steps = step_conditions(settings, K, draw.k, batch)
+            x0_fake, _ = nets.fake_score(x_t, draw.t, cond, fake_steps, guidance)
             fake_loss = fake_score_loss(path, settings, x0_fake, x0, draw.t, m, d.fake_score_noise)
         (fake_loss / n).backward()
         if i == n - 1:
-            fake_score_grads = {k: p.grad.clone() for k, p in nets.fake_score_params.items() if p.grad is not None}
+            fake_score_grads = {k: p.grad.clone() for k, p in nets.fake_score_params.items()
+                                if p.grad is not None}
             fake_score_opt.step()
             fake_score_opt.zero_grad(set_to_none=True)
         with autocast:
@@ -494,7 +500,8 @@ def reference_iteration(nets: PlainNetworks, settings: Settings, micro_batches: 
             draw = d.student_draw
             x0, eps = nets.student(at_step(states, draw.k), draw.t_g, cond, student_steps, guidance)
             with torch.no_grad():
-                x_t, _ = point_of_trajectory(path, x0.detach(), eps.detach(), draw.t_e, draw.t, d.student_noise)
+                x_t, _ = point_of_trajectory(path, x0.detach(), eps.detach(), draw.t_e, draw.t,
+                                             d.student_noise)
                 x0_real = teacher_x0(nets, settings, x_t, draw.t, cond, uncond)
                 x0_fake, _ = nets.fake_score(x_t, draw.t, cond, step_conditions(settings, K, draw.k, batch),
                                              guidance)
@@ -508,4 +515,5 @@ def reference_iteration(nets: PlainNetworks, settings: Settings, micro_batches: 
     student_opt.step()
     change = lambda ps, before: {k: p.detach() - before[k] for k, p in ps.items()}  # noqa: E731
     return Record(losses[-1][0], losses[-1][1], fake_score_grads, student_grads,
-                  change(nets.fake_score_params, fake_score_before), change(nets.student_params, student_before))
+                  change(nets.fake_score_params, fake_score_before),
+                  change(nets.student_params, student_before))
