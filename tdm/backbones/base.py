@@ -225,10 +225,18 @@ class Backbone:
         raise NotImplementedError
 
     # -- network call ---------------------------------------------------------------------
+    def network_output(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                       cond: dict) -> torch.Tensor:
+        """The network's forward as the stock pipeline calls it (input packing, the time input
+        for path indices t, position ids), returning all it returns in x_t's layout, extra
+        channels included (PixArt's learned σ)."""
+        raise NotImplementedError
+
     def model_output(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                      cond: dict) -> torch.Tensor:
-        """The raw prediction of `prediction_type` for x_t (extra channels removed)."""
-        raise NotImplementedError
+        """The raw prediction of `prediction_type` for x_t: `network_output` less any extra
+        channels (none unless a family says so)."""
+        return self.network_output(module, x_t, t, cond)
 
     def denoiser(self, module: torch.nn.Module, role: Optional[str] = None) -> "Denoiser":
         return Denoiser(module, self, role)

@@ -161,7 +161,7 @@ class CogVideoXBackbone(Backbone):
             pipeline_view, height * self.vae_scale_factor, width * self.vae_scale_factor, frames,
             x_t.device)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The transformer's v-prediction; `t` is the scheduler's integer timestep as the
         pipeline passes it."""
         dtype = next(module.parameters()).dtype

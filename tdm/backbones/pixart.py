@@ -80,13 +80,17 @@ class PixArtBackbone(Backbone):
         return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
 
     # -- network call ---------------------------------------------------------------------
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
+        """ε and, with learned σ (out_channels = 2 × in_channels), the variance channels."""
         dtype = next(module.parameters()).dtype
-        out = module(x_t.to(dtype), timestep=t,
-                     encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                     encoder_attention_mask=cond["encoder_attention_mask"],
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                     return_dict=False)[0]
+        return module(x_t.to(dtype), timestep=t,
+                      encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                      encoder_attention_mask=cond["encoder_attention_mask"],
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                      return_dict=False)[0]
+
+    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+        out = self.network_output(module, x_t, t, cond)
         if out.shape[1] == 2 * x_t.shape[1]:   # learned sigma: keep the ε channels
             out = out.chunk(2, dim=1)[0]
         return out

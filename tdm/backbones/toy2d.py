@@ -124,7 +124,7 @@ class Toy2DBackbone(Backbone):
         return images
 
     # -- network call ---------------------------------------------------------------------
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), t, cond["class_labels"])
 

@@ -217,7 +217,7 @@ class WanBackbone(FlowMatchingBackbone):
     # -- network call ---------------------------------------------------------------------
     # The time input σ_t·1000: FlowMatchingBackbone.timestep.
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow': x̂0 = x_t − σv, ε̂ = x_t + αv); rotary
         positions are computed inside the transformer from the latent's shape."""
         dtype = next(module.parameters()).dtype
