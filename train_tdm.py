@@ -2,7 +2,7 @@
 """Trajectory Distribution Matching (TDM): distil a diffusion model into a K-step student.
 
     accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
-        --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
+        --prompts assets/prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
 
 Per iteration (docs/method.md §2–5): roll the student θ out on its step grid from pure noise;
 update the fake score ψ on points of that trajectory; then update the student with the
@@ -24,11 +24,25 @@ from types import SimpleNamespace
 
 import torch
 
+from tdm.checks import model_error
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
                         check_output_dir, parse_args, save_resolved_config)
 from tdm.data import load_prompts
+from tdm.run_folder import clear_previous_run, plan_start
 
 logger = logging.getLogger("tdm")
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: on lines of their own above the progress bar, not glued to it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +72,28 @@ def make_optimizer(params, lr, args):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
+def state_file_name(name: str, per_process: bool, process_index: int) -> str:
+    return f"{name}_{process_index}.safetensors" if per_process else f"{name}.safetensors"
+
+
+def checkpoint_files(args, num_processes: int, sharded: bool) -> list:
+    """The files every checkpoint of this run holds (checked where one has no manifest): the
+    states of register_checkpoint_hooks, the networks' files, and accelerate's optimiser, scheduler
+    and RNG files (under FSDP accelerate writes the networks and optimisers in its own layout)."""
+    from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
+
+    from tdm.checkpoint import checkpointed_names
+
+    states = {"training_rng": True, **({"ema": False} if args.use_ema else {})}   # as build() registers
+    files = [state_file_name(name, per_process, rank) for name, per_process in states.items()
+             for rank in range(num_processes if per_process else 1)]
+    files += [f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(num_processes)] + [f"{SCHEDULER_NAME}.bin"]
+    if not sharded:
+        files += [f"{name}.safetensors" for name in checkpointed_names(args.train_mode)]
+        files += [f"{OPTIMIZER_NAME}.bin", f"{OPTIMIZER_NAME}_1.bin"]
+    return files
+
+
 def register_checkpoint_hooks(accelerator, networks, states: dict):
     """Checkpoints hold only what trains (LoRA layers, or every weight in full mode), written
     by the networks themselves, and `states` (name → object with tensor state_dicts: the
@@ -66,8 +102,7 @@ def register_checkpoint_hooks(accelerator, networks, states: dict):
     from tdm.checkpoint import load_tensors, save_tensors
 
     def state_file(folder, name, per_process):
-        return os.path.join(folder, f"{name}_{accelerator.process_index}.safetensors" if per_process
-                            else f"{name}.safetensors")
+        return os.path.join(folder, state_file_name(name, per_process, accelerator.process_index))
 
     def save_hook(models, weights, output_dir):
         for name, (obj, per_process) in states.items():
@@ -222,7 +257,9 @@ def log_validation(accelerator, args, run, global_step):
 # ---------------------------------------------------------------------------------------------
 def build(args):
     """Everything a run needs, from flags: accelerator, backbone, the three networks, the TDM
-    objective, optimisers, LR schedule and prompt loader. Bad input fails before any model load."""
+    objective, optimisers, LR schedule and prompt loader, and the checkpoint to resume from,
+    loaded. Bad input and a start that would damage the run folder fail before any model load;
+    nothing is written to --output_dir until the checkpoint is loaded (the prompt cache after)."""
     from tdm.trajectory import StepGrid
 
     prompts = load_prompts(args.prompts, args.caption_column)
@@ -235,13 +272,6 @@ def build(args):
     from accelerate import Accelerator
     from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
                                   set_seed)
-    from diffusers.optimization import get_scheduler
-
-    from tdm.backbones import load_backbone
-    from tdm.method import TDM, TDMConfig, TrainingRNG
-    from tdm.networks import build_networks
-    from tdm.plan import warn_if_over_memory
-    from tdm.step_condition import step_tables
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -253,8 +283,22 @@ def build(args):
         # a collective whose peer died or hangs fails after this long instead of blocking forever
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # warnings only until the run starts (main): a refused start prints its one line alone
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
+                        handlers=[TqdmLogHandler()])
     check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
+    sharded = accelerator.distributed_type.value == "FSDP"
+    resume_from, start_step = plan_start(args.output_dir, args.resume_from_checkpoint,
+                                         args.overwrite_output_dir,
+                                         checkpoint_files(args, accelerator.num_processes, sharded))
+    from diffusers.optimization import get_scheduler
+
+    from tdm.backbones import load_backbone
+    from tdm.method import TDM, TDMConfig, TrainingRNG
+    from tdm.networks import build_networks
+    from tdm.plan import warn_if_over_memory
+    from tdm.step_condition import step_tables
+
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
     if args.allow_tf32:
@@ -271,9 +315,8 @@ def build(args):
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                                  args.variant, args.backbone_options, args.resolution)
     except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
-        first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
-                         f"{first_line}") from None
+        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                          error) from None
     try:
         backbone.check_fit(args)
         guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
@@ -293,11 +336,7 @@ def build(args):
         enable_xformers(networks.modules(), accelerator)
     if args.torch_compile:
         networks.compile()
-    backbone.load_text_encoders(accelerator.device, weight_dtype)
-    backbone.load_vae(accelerator.device, weight_dtype)
     backbone.path = backbone.path.to(accelerator.device)
-    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
-    encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
 
     # Two AdamW optimisers; LR schedule and clipping on the student only (docs/method.md §4–5).
     fake_score_optimizer = make_optimizer(networks.fake_score_params, args.learning_rate, args)
@@ -334,10 +373,16 @@ def build(args):
                                              unify_steps=tuple(args.unify_steps or ()),
                                              fake_step_condition=args.fake_step_condition),
               training_rng)
+    if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
+        load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
+    backbone.load_text_encoders(accelerator.device, weight_dtype)
+    backbone.load_vae(accelerator.device, weight_dtype)
+    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
+    encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
     return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm, ema=ema,
                            encode=encode, uncond=uncond, dataloader=dataloader,
                            fake_score_optimizer=fake_score_optimizer, student_optimizer=student_optimizer,
-                           lr_scheduler=lr_scheduler,
+                           lr_scheduler=lr_scheduler, resumed_from=resume_from, start_step=start_step,
                            latent_shape=backbone.latent_shape(args.resolution, args.num_frames))
 
 
@@ -361,20 +406,12 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite updates; the last good state is checkpointed."""
 
 
-def resume(accelerator, output_dir: str, requested: str):
-    """Load the checkpoint to resume from (a path, or 'latest': the newest one that is whole)
-    and return its path; a damaged or unloadable one is refused in one line naming the file."""
-    from tdm.checkpoint import DamagedCheckpoint, checkpoint_to_resume
-
-    path = requested
+def load_checkpoint(accelerator, path: str, requested: str) -> None:
+    """Load the verified checkpoint (tdm.run_folder.plan_start chose it); one that does not load
+    into this run (another model, a file accelerate cannot read) is refused in one line."""
     try:
-        path = checkpoint_to_resume(output_dir, requested)
-        if path is not None:
-            accelerator.load_state(path)
-        return path
-    except DamagedCheckpoint as error:
-        raise UsageError(f"--resume_from_checkpoint: damaged checkpoint: {error}") from None
-    except Exception as error:   # a file accelerate or safetensors cannot read
+        accelerator.load_state(path)
+    except Exception as error:   # a file accelerate or safetensors cannot read, another model
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--resume_from_checkpoint {requested}: cannot load {path}: "
                          f"{type(error).__name__}: {first_line}") from None
@@ -383,28 +420,31 @@ def resume(accelerator, output_dir: str, requested: str):
 def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from tdm.checkpoint import checkpoint_step, remove_incomplete
+    from tdm.checkpoint import remove_incomplete
 
-    run = build(args)
+    run = build(args)   # every check passed, the checkpoint to resume from is loaded: the run starts
+    logging.getLogger().setLevel(logging.INFO)
     accelerator, backbone, networks, tdm = run.accelerator, run.backbone, run.networks, run.tdm
     stop = StopSignal()
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            removed = clear_previous_run(args.output_dir, args.logging_dir)
+            if removed:
+                logger.info("--overwrite_output_dir: deleted the previous run's %s",
+                            ", ".join(os.path.relpath(path, args.output_dir) for path in removed))
         os.makedirs(args.output_dir, exist_ok=True)
         remove_incomplete(args.output_dir)
         save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
         tracker_config = {k: v for k, v in vars(args).items()
                           if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    accelerator.wait_for_everyone()   # no rank writes into the folder before it is cleared
 
-    # Resume.
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        if path is None:
-            logger.info("no complete checkpoint in %s; starting from scratch", args.output_dir)
-        else:
-            global_step = checkpoint_step(path)
-            logger.info("resumed from %s at step %d", path, global_step)
+    global_step = run.start_step
+    if run.resumed_from is not None:
+        logger.info("resumed from %s at step %d", run.resumed_from, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
     steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -458,6 +498,7 @@ def main(args) -> int:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
                     log_validation(accelerator, args, run, global_step)
             if stop.requested(accelerator):
+                progress.close()
                 path = save_checkpoint(accelerator, args, global_step)
                 logger.info("%s received: saved %s at step %d; continue with "
                             "--resume_from_checkpoint latest", stop.received or "stop signal",
@@ -466,6 +507,7 @@ def main(args) -> int:
                 return 0
             if global_step >= args.max_train_steps:
                 break
+    progress.close()   # what follows is printed on lines of its own
 
     accelerator.wait_for_everyone()
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0

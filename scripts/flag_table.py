@@ -8,7 +8,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tdm.checks import Choice, Number  # noqa: E402
 from tdm.config import build_parser  # noqa: E402
+
+
+def accepts(action) -> str:
+    """What the flag's type accepts (tdm.checks): a range, or the names."""
+    if isinstance(action.type, Number):
+        return f"{'integer' if action.type.kind is int else 'number'} {action.type.bounds()}".strip()
+    if isinstance(action.type, Choice):
+        return ", ".join(f"`{name}`" for name in action.type.names)
+    return "flag" if action.nargs == 0 else ""
 
 
 def table() -> str:
@@ -19,12 +29,13 @@ def table() -> str:
                    if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
         if not actions:
             continue
-        lines.append(f"\n**{group.title}**\n\n| flag | default | meaning |\n|---|---|---|")
+        lines.append(f"\n**{group.title}**\n\n| flag | default | accepts | meaning |\n|---|---|---|---|")
         for a in actions:
             default = "" if a.default is None or a.default is False else f"`{a.default}`"
             if a.dest == "prompts":
                 default = "`assets/prompts.txt`"
-            lines.append(f"| `{a.option_strings[0]}` | {default} | {(a.help or '').replace('|', '/')} |")
+            lines.append(f"| `{a.option_strings[0]}` | {default} | {accepts(a)} | "
+                         f"{(a.help or '').replace('|', '/')} |")
     return "\n".join(lines).strip()
 
 

@@ -24,8 +24,10 @@ MAX_CHARS = 120   # a longer first sentence is cut to its leading clause
 DESCRIPTIONS = {
     "scripts/bench_gpu.sh": "GPU benchmark of PixArt-α 512 (real architecture, random weights): training iteration and sampling speed",
     "scripts/demo.sh": "The default job: install into .venv, TDM on a 2-D Gaussian mixture on CPU (`--ablations`, `--unify`)",
-    "scripts/setup_env.sh": "Sourced by demo.sh and test.sh: create .venv and install the requirements once",
-    "scripts/test.sh": "Install into .venv (CPU torch) and run the test suite",
+    "scripts/setup_env.sh": "Sourced by demo.sh and test.sh: create .venv, install requirements.lock (exact pins) once and this project editable",
+    "scripts/test.sh": "Install into .venv (CPU torch, the lock) and run the test suite (`--fast`: the inner loop)",
+    "scripts/lock.sh": "Regenerate requirements.lock: resolve the requirement ranges afresh and freeze every package",
+    "scripts/check_latest.sh": "Drift check: the suite on the newest versions the requirement ranges allow, and what moved",
     "configs/accelerate/": "Accelerate launch configs: fsdp.yaml shards full fine-tunes of large backbones",
     "configs/cogvideox_2b.yaml": "CogVideoX-2B text-to-video: the released LoRA's grid 999, 856, 665, 399, 49 frames at 480×720",
     "configs/flux_dev.yaml": "FLUX.1-dev, LoRA student: the guidance embedding takes --cfg 3.5, student guidance 1; settings reasoned from sd3_medium.yaml and the model card",

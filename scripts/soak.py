@@ -87,7 +87,7 @@ def worker(args, train_flags) -> int:
     run_args = parse_args(["--config", args.config, "--train_mode", args.worker,
                            "--output_dir", out, "--max_train_steps", str(args.steps),
                            "--checkpointing_steps", "0", "--validation_steps", "0",
-                           "--report_to", "none", *train_flags])
+                           "--report_to", "none", "--overwrite_output_dir", *train_flags])
     samples, count, start = [], [0], time.time()
 
     def sample():

@@ -1,5 +1,6 @@
 """Checkpoint folders `checkpoint-N/` written by accelerate: lookup, rotation, a manifest that
-proves a folder is the one that was written, and the training state this project adds to it.
+proves a folder is the one that was written and records its step, and the training state this
+project adds to it.
 
 Nothing here unpickles: the project's own state (networks, training RNG, EMA) is safetensors;
 accelerate loads its own files (optimisers, scheduler, RNG) with torch's weights_only loader.
@@ -14,16 +15,18 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .roles import FAKE_SCORE, STUDENT
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (complete saves, whole or damaged since), oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
@@ -37,7 +40,16 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def checkpoint_step(path: str) -> int:
-    return int(PATTERN.match(os.path.basename(os.path.normpath(path))).group(1))
+    """The step a checkpoint was saved at, from its manifest; checkpoints written before manifests
+    recorded it (no manifest, or one without a step): from the folder name `checkpoint-N`."""
+    manifest = _read_manifest(path)
+    if manifest is not None and isinstance(manifest.get("step"), int):
+        return manifest["step"]
+    match = PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"{path}: its step is not recorded (a checkpoint of an older version) "
+                         "and the folder is not named checkpoint-N; rename it checkpoint-<its step>")
+    return int(match.group(1))
 
 
 def rotate_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
@@ -82,29 +94,46 @@ def _files(folder: str) -> List[str]:
                   for root, _, names in os.walk(folder) for name in names if name != MANIFEST)
 
 
-def write_manifest(folder: str) -> None:
-    """Size and SHA-256 of every file of a finished save (hashed in threads: hashlib releases the GIL)."""
+def write_manifest(folder: str, step: int) -> None:
+    """The step, and size and SHA-256 of every file of a finished save (hashed in threads:
+    hashlib releases the GIL)."""
     files = _files(folder)
     with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
         digests = list(pool.map(lambda name: _sha256(os.path.join(folder, name)), files))
     entries = {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "sha256": digest}
                for name, digest in zip(files, digests)}
     with open(os.path.join(folder, MANIFEST), "w") as f:
-        json.dump({"files": entries}, f, indent=1)
+        json.dump({"step": step, "files": entries}, f, indent=1)
 
 
-def verify_checkpoint(folder: str) -> None:
-    """Raise DamagedCheckpoint unless every file of the manifest is there, whole and unchanged.
-    Checkpoints written before manifests existed pass unchecked."""
+def _read_manifest(folder: str) -> Optional[dict]:
+    """The manifest, None where there is none; DamagedCheckpoint where it cannot be read."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path) as f:
-            entries: Dict[str, dict] = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
+            manifest = json.load(f)
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError("no file list")
+        return manifest
+    except (OSError, ValueError, AttributeError):
         raise DamagedCheckpoint(f"{path}: unreadable manifest") from None
-    for name, entry in entries.items():
+
+
+def verify_checkpoint(folder: str, expected: Sequence[str] = ()) -> None:
+    """Raise DamagedCheckpoint unless the checkpoint is whole: with a manifest, every file it lists
+    is there and unchanged; without one (older versions, copies by hand), every `expected` file
+    is there and every file reads as what it claims to be (`check_file_structure`)."""
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        for name in expected:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise DamagedCheckpoint(f"{os.path.join(folder, name)}: missing")
+        for name in _files(folder):
+            check_file_structure(os.path.join(folder, name))
+        return
+    for name, entry in manifest["files"].items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             raise DamagedCheckpoint(f"{file}: missing")
@@ -115,18 +144,75 @@ def verify_checkpoint(folder: str) -> None:
             raise DamagedCheckpoint(f"{file}: contents differ from what was written")
 
 
-def checkpoint_to_resume(output_dir: str, requested: str) -> Optional[str]:
+# bytes per element of the safetensors dtypes
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_file_structure(path: str) -> None:
+    """What a file without a manifest can prove: a .safetensors file's header parses and its
+    tensors fill the file exactly; a torch file (.bin, .pkl) loads with the weights-only loader
+    accelerate resumes with (so nothing runs). Raises DamagedCheckpoint naming the file."""
+    if path.endswith(".safetensors"):
+        _check_safetensors(path)
+    elif path.endswith((".bin", ".pkl", ".pt")):
+        from accelerate.utils import load   # accelerate's weights-only torch.load (numpy allowed)
+
+        try:
+            load(path, map_location="cpu", mmap=True)
+        except Exception as error:   # a truncated zip, a pickle that is not weights only, …
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise DamagedCheckpoint(f"{path}: cannot load it weights-only ({type(error).__name__}: "
+                                    f"{first_line})") from None
+
+
+def _check_safetensors(path: str) -> None:
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_bytes > size - 8:
+                raise ValueError(f"a header of {header_bytes} bytes in {size}")
+            header = json.loads(f.read(header_bytes))
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        end = max((t["data_offsets"][1] for t in tensors), default=0)
+        for t in tensors:
+            begin, stop = t["data_offsets"]
+            numel = int(torch.tensor(t["shape"], dtype=torch.int64).prod()) if t["shape"] else 1
+            if t["dtype"] in DTYPE_BYTES and stop - begin != numel * DTYPE_BYTES[t["dtype"]]:
+                raise ValueError(f"a tensor of shape {t['shape']} in {stop - begin} bytes")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DamagedCheckpoint(f"{path}: not a whole safetensors file ({error})") from None
+    if 8 + header_bytes + end != size:
+        raise DamagedCheckpoint(f"{path}: {size} bytes, its header describes "
+                                f"{8 + header_bytes + end} (truncated?)")
+
+
+class NoWholeCheckpoint(DamagedCheckpoint):
+    """`latest` found checkpoints, and every one is damaged."""
+
+
+def checkpoint_to_resume(output_dir: str, requested: str, expected: Sequence[str] = ()) -> Optional[str]:
     """The folder to resume from. An explicit path must verify (DamagedCheckpoint otherwise);
-    'latest' is the newest checkpoint that verifies, older ones taken with a warning."""
+    'latest' is the newest checkpoint that verifies, newer damaged ones skipped with a warning;
+    None where there is no checkpoint at all; NoWholeCheckpoint, naming the damage, where every
+    checkpoint is damaged (never a silent fresh start over them)."""
     if requested != "latest":
-        verify_checkpoint(requested)
+        verify_checkpoint(requested, expected)
         return requested
+    damages = []
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            verify_checkpoint(path)
-            return path
+            verify_checkpoint(path, expected)
         except DamagedCheckpoint as error:
-            logger.warning("skipping damaged checkpoint: %s", error)
+            damages.append(str(error))
+            continue
+        for damage in damages:
+            logger.warning("skipping damaged checkpoint: %s", damage)
+        return path
+    if damages:
+        more = f"; and {len(damages) - 3} more" if len(damages) > 3 else ""
+        raise NoWholeCheckpoint(f"no whole checkpoint in {output_dir}: {'; '.join(damages[:3])}{more}")
     return None
 
 
@@ -143,13 +229,19 @@ def save_atomically(accelerator, output_dir: str, step: int, total_limit: Option
     accelerator.wait_for_everyone()
     time.sleep(float(os.environ.get("TDM_TEST_SAVE_DELAY", 0)))   # lets a test kill a save mid-way
     if accelerator.is_main_process:
-        write_manifest(tmp)
+        write_manifest(tmp, step)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpointed_names(train_mode: str) -> List[str]:
+    """The files `Networks.save` writes into a checkpoint (NAME.safetensors), unsharded: the one
+    base with both adapters (lora), or the student and the fake score (full, named by role)."""
+    return ["lora"] if train_mode == "lora" else [STUDENT, FAKE_SCORE]
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict:
@@ -168,6 +260,10 @@ def load_trainable(model: torch.nn.Module, path: str) -> None:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise RuntimeError(f"{path} does not match the model (missing {missing}, unexpected {extra})")
     params = dict(model.named_parameters())
+    for name, value in state.items():
+        if value.shape != params[name].shape:
+            raise RuntimeError(f"{path} does not match the model: {name} is {tuple(value.shape)} there, "
+                               f"{tuple(params[name].shape)} in the model (another model or --lora_rank?)")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -5,30 +5,59 @@ Flag names follow the upstream TDM demo and the diffusers training examples.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
+import re
 import sys
 from typing import List, Optional
 
 import yaml
 
+from .checks import (Choice, Number, Parser, UsageError, check_values, check_writable_folder, choice,
+                     did_you_mean, flag_error, yaml_value)
+
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
-# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML
-# reads on/off as booleans, a resolved config.yaml holds the resolved value
-GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False, None: None, True: True, False: False}
-
-
-class UsageError(ValueError):
-    """Bad input, reported as one line and exit code 2 before any work is done."""
+# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML's
+# booleans and null (on/off, a resolved config.yaml) are read as these names (its Choice type)
+GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False}
 
 
 def int_list(text) -> List[int]:
-    if isinstance(text, (list, tuple)):
-        return [int(v) for v in text]
-    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    """'999,856' or a YAML list → [999, 856]; anything but whole numbers is refused."""
+    items = text if isinstance(text, (list, tuple)) else [
+        v for v in str(text).replace(" ", "").split(",") if v]
+    for item in items:
+        whole = isinstance(item, int) and not isinstance(item, bool)
+        if not (whole or (isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item))):
+            raise argparse.ArgumentTypeError(f"must be whole numbers, got {item!r}")
+    return [int(v) for v in items]
+
+
+def lr_scheduler_names() -> List[str]:
+    """diffusers' get_scheduler names that need no flag this script lacks (piecewise_constant
+    needs step rules)."""
+    from diffusers.optimization import SchedulerType
+
+    return [kind.value for kind in SchedulerType if kind is not SchedulerType.PIECEWISE_CONSTANT]
+
+
+def tracker_names() -> List[str]:
+    """accelerate's trackers, `all` (every installed one) and `none`."""
+    from accelerate.utils import LoggerType
+
+    return [kind.value for kind in LoggerType if kind is not LoggerType.ALL] + ["all", "none"]
+
+
+def check_tracker_installed(name: str) -> None:
+    if name in ("all", "none"):
+        return
+    from accelerate.tracking import get_available_trackers
+
+    if name not in [str(getattr(t, "value", t)) for t in get_available_trackers()]:
+        raise UsageError(f"--report_to {name}: the {name} package is not installed; install it "
+                         "or use --report_to none")
 
 
 def yaml_mapping(text):
@@ -40,8 +69,11 @@ def yaml_mapping(text):
     return value
 
 
+SEED = Number(int, low=0, high=2**32 - 1)   # numpy's seed range (accelerate's set_seed seeds numpy)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Trajectory Distribution Matching: distil a diffusion "
+    p = Parser(description="Trajectory Distribution Matching: distil a diffusion "
                                 "model into a few-step student from prompts alone.")
     a = p.add_argument
     a("--config", default=None, help="YAML file whose keys are these flag names.")
@@ -53,19 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="auto", help="Backbone adapter; auto reads model_index.json.")
     g.add_argument("--backbone_options", type=yaml_mapping, default=None,
                    help="Adapter-specific options as a YAML/JSON mapping (e.g. the toy mixture).")
-    g.add_argument("--train_mode", choices=["lora", "full"], default="lora",
+    g.add_argument("--train_mode", **choice("lora", "full"), default="lora",
                    help="lora: student and fake score are LoRAs on the frozen teacher; full: "
-                   "full copies initialised from the teacher (the demo).")
-    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of student and fake score.")
-    g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
+                   "full copies initialised from the teacher (the authors' PixArt-α demo "
+                   "command).")
+    g.add_argument("--lora_rank", type=Number(int, low=1), default=64,
+                   help="LoRA rank of student and fake score.")
+    g.add_argument("--lora_alpha", type=Number(float, above=0), default=None,
+                   help="Default: equal to --lora_rank.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in backward to save memory.")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the networks.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention if installed (else a warning and PyTorch SDPA).")
     g = p.add_argument_group("TDM")
-    g.add_argument("--num_steps", type=int, default=4, help="K, the student's number of steps.")
-    g.add_argument("--total_steps", type=int, default=900,
+    g.add_argument("--num_steps", type=Number(int, low=1), default=4,
+                   help="K, the student's number of steps.")
+    g.add_argument("--total_steps", type=Number(int, low=1), default=900,
                    help="T: grid τ_k = k·T/K − 1 (900 → 899, 674, 449, 224).")
     g.add_argument("--timesteps", type=int_list, default=None,
                    help="Explicit grid, first step first, e.g. 999,856,665,399.")
@@ -74,19 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "iteration, grid k·T/K − 1 per K; student and fake score conditioned on K).")
     g.add_argument("--fake_step_condition", action="store_true",
                    help="Condition the fake score on the step index k (advised in mode 2).")
-    g.add_argument("--cfg", type=float, default=4.5, help="Teacher guidance scale in the target.")
-    g.add_argument("--guidance_embedding", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--cfg", type=Number(float, above=0, hint=" (1 disables guidance)"), default=4.5,
+                   help="Teacher guidance scale in the target.")
+    g.add_argument("--guidance_embedding", default="auto", choices=("auto", "on", "off"),
+                   type=Choice(("auto", "on", "off"),   # YAML reads on/off as booleans
+                               yaml_values={None: "auto", True: "on", False: "off"}),
                    help="How the teacher is guided: through its guidance embedding, one call with "
                    "--cfg as input (guidance-distilled models: FLUX.1-dev), or by classifier-free "
                    "guidance; auto: the embedding where the model has one.")
-    g.add_argument("--student_guidance", type=float, default=None,
+    g.add_argument("--student_guidance", type=Number(float, low=0), default=None,
                    help="Guidance-embedded models: the fixed guidance input of student and fake "
                    "score, and the guidance_scale to sample the student with (default 1.0).")
     g.add_argument("--use_separate", action="store_true",
                    help="Mode 1: each step's diffusion interval is its own.")
     g.add_argument("--use_randmid", action="store_true", help="Random end point of the ODE move.")
     g.add_argument("--use_huber", action="store_true", help="Element-wise pseudo-Huber (c=1e-3).")
-    g.add_argument("--loss", choices=["mse", "huber", "huber_norm"], default=None,
+    g.add_argument("--loss", **choice("mse", "huber", "huber_norm"), default=None,
                    help="Generator loss; default mse, or huber with --use_huber. huber_norm is "
                    "the paper's norm-level pseudo-Huber.")
     g.add_argument("--share_step_draw", action="store_true",
@@ -95,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Roll every sample out to the last step (reference for the lazy rollout).")
     g.add_argument("--no_importance_weight", action="store_true",
                    help="Ablation: w_IS = 1 in the fake-score loss.")
-    g.add_argument("--snr_gamma", type=float, default=5.0, help="γ of the min-SNR-γ fake-score weight.")
+    g.add_argument("--snr_gamma", type=Number(float, above=0), default=5.0,
+                   help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
     g.add_argument("--prompts", default=os.path.join(ASSETS, "prompts.txt"),
                    help=".txt (one prompt a line), .jsonl/.json/.csv/.parquet, a dataset folder "
@@ -107,74 +147,91 @@ def build_parser() -> argparse.ArgumentParser:
                    "encoder off the accelerator.")
     g.add_argument("--text_embeddings_dir", default=None,
                    help="Folder of the cache; default: OUTPUT_DIR/text_embeddings.")
-    g.add_argument("--resolution", type=int, default=512, help="Image size of the student samples.")
-    g.add_argument("--num_frames", type=int, default=None,
+    g.add_argument("--resolution", type=Number(int, low=1), default=512,
+                   help="Image size of the student samples.")
+    g.add_argument("--num_frames", type=Number(int, low=1), default=None,
                    help="Frames of a video sample (video backbones); default: the backbone's.")
-    g.add_argument("--max_sequence_length", type=int, default=None,
+    g.add_argument("--max_sequence_length", type=Number(int, low=1), default=None,
                    help="Text tokens; default: the backbone's (PixArt: 120).")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Prompt loader workers.")
+    g.add_argument("--dataloader_num_workers", type=Number(int, low=0), default=0,
+                   help="Prompt loader workers.")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=2, help="Per device.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    g.add_argument("--train_batch_size", type=Number(int, low=1), default=2, help="Per device.")
+    g.add_argument("--gradient_accumulation_steps", type=Number(int, low=1), default=1,
                    help="Iterations per optimiser step (both networks).")
-    g.add_argument("--max_train_steps", type=int, default=500,
-                   help="Optimiser steps (the paper: 500 for PixArt-α; the demo: 10001).")
-    g.add_argument("--learning_rate", type=float, default=2e-5,
+    g.add_argument("--max_train_steps", type=Number(int, low=1), default=500,
+                   help="Optimiser steps (the paper: 500 for PixArt-α; the authors' PixArt-α demo "
+                   "command: 10001).")
+    g.add_argument("--learning_rate", type=Number(float, above=0), default=2e-5,
                    help="Fake-score lr; the student's is learning_rate × --generator_lr_ratio.")
-    g.add_argument("--generator_lr_ratio", type=float, default=0.2,
-                   help="Generator lr = learning_rate × this (demo: 1/5).")
-    g.add_argument("--lr_scheduler", default="constant",
+    g.add_argument("--generator_lr_ratio", type=Number(float, above=0), default=0.2,
+                   help="Generator lr = learning_rate × this (the authors' demo command: 1/5).")
+    g.add_argument("--lr_scheduler", type=Choice(lr_scheduler_names), default="constant",
                    help="diffusers get_scheduler name; applies to the student only.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Generator LR warm-up steps.")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    g.add_argument("--adam_beta1", type=float, default=0.0, help="AdamW β1 of both optimisers.")
-    g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW β2 of both optimisers.")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0,
+    g.add_argument("--lr_warmup_steps", type=Number(int, low=0), default=0,
+                   help="Generator LR warm-up steps.")
+    g.add_argument("--lr_num_cycles", type=Number(int, low=1), default=1,
+                   help="Cycles of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=Number(float, above=0), default=1.0,
+                   help="Power of the polynomial schedule.")
+    g.add_argument("--adam_beta1", type=Number(float, low=0, below=1), default=0.0,
+                   help="AdamW β1 of both optimisers.")
+    g.add_argument("--adam_beta2", type=Number(float, low=0, below=1), default=0.95,
+                   help="AdamW β2 of both optimisers.")
+    g.add_argument("--adam_weight_decay", type=Number(float, low=0), default=1e-2,
+                   help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=Number(float, above=0), default=1e-8, help="AdamW ε.")
+    g.add_argument("--max_grad_norm", type=Number(float, low=0), default=1.0,
                    help="Gradient clipping of the student (0 disables).")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for both.")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes AdamW8bit for both (GPU; pip install bitsandbytes).")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+    g.add_argument("--mixed_precision", **choice("no", "fp16", "bf16"), default=None,
                    help="Default: as accelerate is configured.")
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the student (validation samples "
                    "use it; see --export_ema).")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per step.")
-    g.add_argument("--ema_start_step", type=int, default=0,
+    g.add_argument("--ema_decay", type=Number(float, low=0, below=1), default=0.999,
+                   help="EMA decay per step.")
+    g.add_argument("--ema_start_step", type=Number(int, low=0), default=0,
                    help="The EMA copies the student until this step, then averages.")
     g.add_argument("--export_ema", action="store_true",
                    help="Export the EMA of the student instead of its last weights (needs --use_ema).")
-    g.add_argument("--max_nonfinite", type=int, default=10,
+    g.add_argument("--max_nonfinite", type=Number(int, low=1), default=10,
                    help="Stop (with a checkpoint) after this many iterations in a row whose losses "
                    "or gradients were not finite; such updates are skipped.")
-    g.add_argument("--ddp_timeout", type=int, default=1800,
+    g.add_argument("--ddp_timeout", type=Number(int, above=0), default=1800,
                    help="Seconds a collective operation (several processes) may wait for the other "
                    "processes before this one stops with an error instead of hanging.")
-    g.add_argument("--seed", type=int, default=None, help="Seed of initialisation, data order and noise.")
+    g.add_argument("--seed", type=SEED, default=None,
+                   help="Seed of initialisation, data order and noise.")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="tdm-output",
                    help="Checkpoints, samples/, logs, config.yaml and the exported student.")
-    g.add_argument("--export_format", choices=["diffusers", "kohya"], default="diffusers",
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another run's checkpoints or "
+                   "export: that run's checkpoints, export, samples, logs and config are deleted, "
+                   "once every check has passed.")
+    g.add_argument("--export_format", **choice("diffusers", "kohya"), default="diffusers",
                    help="LoRA export; kohya also writes pytorch_lora_weights_kohya.safetensors "
                    "(UNet families SD1.x/SDXL, --train_mode lora).")
     g.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--report_to", type=Choice(tracker_names), default="tensorboard",
+                   help="tensorboard, wandb, all or none.")
     g.add_argument("--tracker_project_name", default="tdm", help="Run name for the tracker.")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
+    g.add_argument("--checkpointing_steps", type=Number(int, low=0), default=500,
                    help="Save checkpoint-N/ every N steps (0 disables).")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+    g.add_argument("--checkpoints_total_limit", type=Number(int, low=1), default=None,
                    help="Keep at most this many checkpoints (oldest deleted first).")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or `latest`.")
-    g.add_argument("--validation_steps", type=int, default=100,
+    g.add_argument("--validation_steps", type=Number(int, low=0), default=100,
                    help="Write a K-step sample grid every N steps (0 disables).")
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Prompts of the validation grid; default: the first four lines of "
                    "assets/validation_prompts.txt.")
     g.add_argument("--log_prompts", action="store_true",
                    help="Write every rank's prompts of each step to OUTPUT_DIR/train_log.jsonl.")
-    g.add_argument("--validation_seed", type=int, default=0, help="Seed of the validation noise.")
+    g.add_argument("--validation_seed", type=SEED, default=0, help="Seed of the validation noise.")
     return p
 
 
@@ -184,22 +241,27 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: List[str]) -> set:
 
 
 def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The flags of a YAML file, each converted and checked as on the command line."""
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: no such file")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UsageError(f"--config {path}: not a readable YAML file ({first_line})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    for key in values:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise UsageError(f"--config {path}: unknown key {key!r}{hint}")
-    for key in ("timesteps", "unify_steps"):   # a YAML list or "1,2,4"
-        if values.get(key) is not None:
-            values[key] = int_list(values[key])
-    return values
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    converted = {}
+    for key, value in values.items():
+        if key not in actions:
+            raise UsageError(f"--config {path}: unknown key {key!r}{did_you_mean(key, actions)}")
+        try:
+            converted[key] = yaml_value(actions[key], value)
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--config {path}: {flag_error(f'key {key!r}', error)}") from None
+    return converted
 
 
 class RunConfig(argparse.Namespace):
@@ -277,15 +339,10 @@ def step_timesteps(args) -> List[int]:
 
 def check_args(args, given=()) -> None:
     """Refuse bad flag values (UsageError, one line); changes nothing. `given`: the flags set
-    explicitly (command line or YAML)."""
-    if args.guidance_embedding not in GUIDANCE_EMBEDDING:   # a YAML value bypasses choices
-        raise UsageError(f"--guidance_embedding must be auto, on or off, got {args.guidance_embedding!r}")
-    if args.student_guidance is not None and args.student_guidance < 0:
-        raise UsageError(f"--student_guidance must be >= 0, got {args.student_guidance}")
-    if args.cfg <= 0:
-        raise UsageError(f"--cfg must be > 0 (1 disables guidance), got {args.cfg}")
-    if args.num_steps < 1:
-        raise UsageError(f"--num_steps must be >= 1, got {args.num_steps}")
+    explicitly (command line or YAML). Each flag's own range and names are its type's (tdm.checks),
+    checked again here for values set in code; this adds what involves several flags."""
+    check_values(args, build_parser())
+    check_tracker_installed(args.report_to)
     num_steps = args.num_steps
     if args.unify_steps:
         ks = args.unify_steps
@@ -305,10 +362,9 @@ def check_args(args, given=()) -> None:
         raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({num_steps})")
     if args.export_ema and not args.use_ema:
         raise UsageError("--export_ema needs --use_ema")
-    if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
-        raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.ddp_timeout <= 0:
-        raise UsageError(f"--ddp_timeout must be > 0 seconds, got {args.ddp_timeout}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
+        raise UsageError("--overwrite_output_dir starts a new run, --resume_from_checkpoint latest "
+                         "continues one; drop one of the two flags")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder "
@@ -316,21 +372,8 @@ def check_args(args, given=()) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Fail now, not after hours of training, if outputs cannot be written (creates nothing:
-    the folder, or the nearest existing folder above it, must take a file)."""
-    import tempfile
-
-    existing = os.path.abspath(output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(f"{existing} is a file")
-        with tempfile.NamedTemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(f"--output_dir {output_dir} is not writable ({error.strerror or error}); "
-                         "choose another folder") from None
+    """Fail now, not after hours of training, if outputs cannot be written (creates nothing)."""
+    check_writable_folder("--output_dir", output_dir)
 
 
 def check_distributed(distributed_type: str, train_mode: str, use_ema: bool = False) -> None:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .path import GaussianPath
+from .path import GaussianPath, working_dtype
 
 
 def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
@@ -18,12 +18,14 @@ def importance_weight(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
     Written as one exponential of the difference so that it cannot overflow or become 0/0.
     """
-    return torch.exp(-0.5 * (per_sample_mean(m.float() ** 2) - per_sample_mean(n.float() ** 2)))
+    dtype = working_dtype(m)
+    return torch.exp(-0.5 * (per_sample_mean(m.to(dtype) ** 2) - per_sample_mean(n.to(dtype) ** 2)))
 
 
-def min_snr_weight(path: GaussianPath, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weight(path: GaussianPath, t: torch.Tensor, gamma: float = 5.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """min(SNR_t, γ) with γ = 5 (docs/method.md §4)."""
-    return path.snr(t).clamp(max=gamma)
+    return path.snr(t, dtype).clamp(max=gamma)
 
 
 def classifier_free_guidance(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, cfg: float):
@@ -46,10 +48,11 @@ class FakeScoreLoss:
         self.use_importance_weight = use_importance_weight
 
     def __call__(self, x0_fake, x0_student, t, m, n) -> torch.Tensor:
-        weight = min_snr_weight(self.path, t, self.snr_gamma)
+        dtype = working_dtype(x0_fake)
+        weight = min_snr_weight(self.path, t, self.snr_gamma, dtype)
         if self.use_importance_weight:
             weight = weight * importance_weight(m, n)
-        mse = per_sample_mean((x0_fake.float() - x0_student.detach().float()) ** 2)
+        mse = per_sample_mean((x0_fake.to(dtype) - x0_student.detach().to(dtype)) ** 2)
         return (weight.detach() * mse).mean()
 
 
@@ -72,8 +75,9 @@ class StudentLoss:
         self.huber_c = huber_c
 
     def __call__(self, x0, x0_real, x0_fake) -> torch.Tensor:
-        x0 = x0.float()
-        target = (x0 + (x0_real.float() - x0_fake.float())).detach()
+        dtype = working_dtype(x0)
+        x0 = x0.to(dtype)
+        target = (x0 + (x0_real.to(dtype) - x0_fake.to(dtype))).detach()
         w = dmd_normalizer(x0, x0_real).to(x0.dtype)
         diff = x0 - target
         if self.kind == "huber_norm":

@@ -5,7 +5,8 @@ full: three networks — a frozen teacher in the compute dtype, student and fake
 lora: ONE copy of the base weights. Teacher = the base with adapters disabled; student and fake
       score = two named LoRA adapters on it. Each call selects its role's adapter for that call
       and its recompute only (tdm.roles), so each update trains only its own adapter, with the
-      activations its own forward saw.
+      activations its own forward saw. Every network is guarded: a call outside a role, or an
+      adapter or checkpoint function switched from outside, raises.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .backbones.base import Backbone, Denoiser
-from .checkpoint import load_trainable, save_trainable
-from .roles import enable_gradient_checkpointing, role_scope
+from .checkpoint import checkpointed_names, load_trainable, save_trainable
+from .roles import enable_gradient_checkpointing, guard, role_scope
 from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
                              attach_step_embeddings, detached, find_step_embeddings,
                              save_step_tables, split_state)
@@ -144,6 +145,8 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         copies.append(net)
     student_wrapped, fake_score_wrapped = accelerator.prepare(*copies)
     student, fake_score = copies
+    for net in (teacher, student_wrapped, fake_score_wrapped):   # only through their roles
+        guard(net)
     sharded = accelerator.distributed_type.value == "FSDP"
     # accelerate pairs the i-th prepared optimiser with the i-th model when it saves sharded
     # states: train_tdm.build prepares the student's optimiser first, then the fake score's.
@@ -155,7 +158,7 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
         student_eval=backbone.denoiser(student_wrapped if sharded else student, STUDENT),
         fake_score_eval=backbone.denoiser(fake_score_wrapped if sharded else fake_score, FAKE_SCORE),
         student_params=_trainable(student_wrapped), fake_score_params=_trainable(fake_score_wrapped),
-        student_module=student, checkpointed={} if sharded else {STUDENT: student, FAKE_SCORE: fake_score},
+        student_module=student, checkpointed={} if sharded else dict(zip(checkpointed_names("full"), (student, fake_score))),
         wrapped=[student_wrapped, fake_score_wrapped], sharded=sharded)
 
 
@@ -173,6 +176,7 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
     role_scope(base)   # created once every adapter is attached: it reads the LoRA layers
     if gradient_checkpointing:
         enable_gradient_checkpointing(base)
+    guard(base)   # the shared base runs only through its roles
     params = {name: [p for n, p in base.named_parameters() if f".{name}." in n and p.requires_grad]
               for name in (STUDENT, FAKE_SCORE)}
     student = backbone.denoiser(base, STUDENT)
@@ -181,5 +185,5 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
                     student=student, fake_score=fake_score, student_eval=student,
                     fake_score_eval=fake_score,
                     student_params=params[STUDENT], fake_score_params=params[FAKE_SCORE],
-                    student_module=base, student_adapter=STUDENT, checkpointed={"lora": base},
+                    student_module=base, student_adapter=STUDENT, checkpointed=dict(zip(checkpointed_names("lora"), (base,))),
                     manual_gradient_sync=True)

@@ -3,8 +3,11 @@ of one call, and activation recompute that re-enters the scope its forward ran i
 
 In LoRA mode the three roles share one base network: the role selects the LoRA adapter (the
 teacher: adapters off) and, where the network has them, the role's step embedding (docs/method.md §6).
-A call without a role (a loaded student, a plain network) leaves the module as it is.
-A role is never a setting that outlives a call:
+A call without a role (a loaded student, a plain network) leaves the module as it is; on a
+training network (`guard`, tdm.networks) it is an error, and so are LoRA adapters or a
+checkpoint function changed from outside the scope (peft's set_adapter, diffusers' own
+enable_gradient_checkpointing, reentrant or FSDP activation checkpointing), verified at every
+call and recompute. A role is never a setting that outlives a call:
 
     with role_scope(module).acting(role, cond):   # Denoiser.__call__
         out = module(...)
@@ -17,8 +20,8 @@ role for the recompute, so backward always rebuilds the activations the forward 
 ran in between. The same holds for:
 - DDP: wrappers own no role; `role_scope` looks through them to the module.
 - FSDP: with --gradient_checkpointing it recomputes through the model's own checkpoint
-  function, i.e. this one (configs/accelerate/fsdp.yaml leaves FSDP's own activation
-  checkpointing off: it would wrap blocks with torch's plain checkpoint).
+  function, i.e. this one (FSDP's own activation checkpointing would wrap blocks with torch's
+  plain checkpoint: `guard` refuses it; configs/accelerate/fsdp.yaml leaves it off).
 - torch.compile: the role is Python state that dynamo guards on, so each role gets its own
   graph, traced under that role, and the recompute inside a compiled graph replays that trace.
 """
@@ -52,6 +55,11 @@ def role_lora_layers(module: torch.nn.Module) -> list:
             and {STUDENT, FAKE_SCORE} & set(getattr(m, "lora_A", {}))]
 
 
+class RoleError(RuntimeError):
+    """A training network used outside its role scope: the call would silently run another
+    role's adapter, step embedding or activations."""
+
+
 class RoleScope:
     """The role of the call in progress on one network (None outside calls), and the role
     adapter its LoRA layers have selected, switched only when a call needs another one."""
@@ -63,6 +71,50 @@ class RoleScope:
         self.current: Optional[tuple] = None     # (role, condition) during a call
         self.fixed: Optional[tuple] = None       # inference: the step condition of a stock call
         self._adapter = "unset"                  # what the LoRA layers have selected
+        self.guarded = False                     # a training network: see guard()
+        self._checkpointing: list = []           # its modules that can checkpoint (diffusers)
+
+    def guard(self, module: torch.nn.Module) -> None:
+        """Make `module` (a training network, unwrapped) refuse what would run a wrong role
+        silently: a call outside a role, and from then on, at every call and recompute, LoRA
+        adapters or a checkpoint function set from outside this scope. Checkpoint wrappers put
+        around its blocks (FSDP's activation checkpointing) are refused here."""
+        wrapped = [name for name, m in module.named_modules() if type(m).__name__ == "CheckpointWrapper"]
+        if wrapped:
+            raise RoleError(f"activation checkpointing wraps {wrapped[0]} with torch's plain checkpoint, "
+                            "which recomputes under whatever role is active in backward: use "
+                            "--gradient_checkpointing (and fsdp_activation_checkpointing: false)")
+        self._checkpointing = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+        if not self.guarded:
+            module.register_forward_pre_hook(self._refuse_outside_a_role)
+        self.guarded = True
+        self._verify()
+
+    def _refuse_outside_a_role(self, module, args):
+        if self.current is None or self.current[0] is None:
+            raise RoleError(f"{type(module).__name__} is a training network: call it through its "
+                            "role's Denoiser (tdm.networks.Networks), not directly")
+
+    def _verify(self) -> None:
+        """The checkpoint function is this scope's and the LoRA layers hold the adapter this
+        scope selected: anything else was changed from outside and would run a wrong role."""
+        for m in self._checkpointing:
+            if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) != self.checkpoint:
+                raise RoleError(f"gradient checkpointing of {type(m).__name__} was enabled by another "
+                                "route than tdm.roles.enable_gradient_checkpointing: its recompute would "
+                                "run under whatever role is active in backward")
+        if self._adapter == "unset":
+            return
+        # peft's own fields, as set_adapter / enable_adapters leave them (the properties cost 3×)
+        if self._adapter == TEACHER:
+            switched = not all(layer._disable_adapters for layer in self.layers)
+        else:
+            selected = [self._adapter]
+            switched = any(layer._disable_adapters or layer._active_adapter != selected
+                           for layer in self.layers)
+        if switched or not all(p.requires_grad for p in self.trainable):
+            raise RoleError("the LoRA adapters of a training network were switched outside its role "
+                            f"scope (it had selected {self._adapter!r}): use the role's Denoiser")
 
     def step_condition(self) -> tuple:
         """(role, condition) whose step embedding a forward adds now: the call's role, or the
@@ -83,6 +135,8 @@ class RoleScope:
                 self._select_adapter(previous[0])
 
     def _select_adapter(self, role: Optional[str]) -> None:
+        if self.guarded:
+            self._verify()
         if role is None or not self.layers or role == self._adapter:
             return
         for layer in self.layers:
@@ -129,7 +183,12 @@ def role_scope(module: torch.nn.Module) -> RoleScope:
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
     """The model's gradient checkpointing, with recompute under the forward's role (the only
     way this project turns checkpointing on: the library default recomputes under whatever
-    role is active at backward time)."""
+    role is active at backward time; a guarded scope refuses it)."""
     scope = role_scope(module)
     module.enable_gradient_checkpointing(gradient_checkpointing_func=scope.checkpoint)
+
+
+def guard(module: torch.nn.Module) -> None:
+    """RoleScope.guard of a (possibly wrapped) training network."""
+    role_scope(module).guard(unwrap(module))
 

@@ -71,9 +71,10 @@ def training_config(weights: Optional[str]) -> dict:
 
 
 def student_timesteps(num_steps: int, config: dict, timesteps: Optional[List[int]] = None) -> List[int]:
-    """The grid to sample on: explicit, else the training grid when K matches, else k·T/K − 1."""
+    """The grid to sample on: explicit, else the training grid when K matches, else k·T/K − 1.
+    ValueError for a grid that is not strictly decreasing and >= 0 (e.g. K above T)."""
     if timesteps:
-        return list(timesteps)
+        return StepGrid(list(timesteps)).timesteps
     if config.get("timesteps") and len(config["timesteps"]) == num_steps:
         return list(config["timesteps"])
     return StepGrid.uniform(num_steps, int(config.get("total_steps", 900))).timesteps

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .conditions import select_condition
-from .path import GaussianPath
+from .path import GaussianPath, working_dtype
 
 # (x_t, t, condition) -> (x̂0, ε̂); see tdm.backbones.Denoiser.
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple]
@@ -77,9 +77,9 @@ def rollout(student: DenoiserFn, noise: torch.Tensor, cond: dict, grid: StepGrid
     the input of step K − depth; predictions past a sample's depth are left zero.
     """
     batch, K = noise.shape[0], grid.num_steps
-    states = torch.zeros((K, *noise.shape), device=noise.device, dtype=torch.float32)
+    states = torch.zeros((K, *noise.shape), device=noise.device, dtype=working_dtype(noise))
     x0s, epss = torch.zeros_like(states), torch.zeros_like(states)
-    x = noise.float().clone()
+    x = noise.to(states.dtype, copy=True)
     for k in range(K, 0, -1):
         states[k - 1] = x   # every sample that got this far: also those that stop before step k
         rows = None if depth is None else torch.nonzero(depth >= K - k + 1).squeeze(1)
@@ -144,10 +144,11 @@ def sample_draw(grid: StepGrid, batch: int, device, separate: bool, randmid: boo
     return Draw(k=k, t_g=t_g, t_e=t_e, t=t, num_steps=grid.num_steps)
 
 
-def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1):
+def transition_std(path: GaussianPath, t_e: torch.Tensor, t: torch.Tensor, ndim: int = 1,
+                   dtype: torch.dtype = torch.float32):
     """β = √(σ_t² − (α_t σ_{t_e} / α_{t_e})²), the std of q(x_t | x_{t_e}) (docs/method.md §3.5)."""
-    a_e, s_e = path.alpha_sigma(t_e, ndim)
-    a_t, s_t = path.alpha_sigma(t, ndim)
+    a_e, s_e = path.alpha_sigma(t_e, ndim, dtype)
+    a_t, s_t = path.alpha_sigma(t, ndim, dtype)
     return (s_t**2 - (a_t * s_e / a_e) ** 2).clamp(min=0).sqrt()
 
 
@@ -159,10 +160,10 @@ def diffuse(path: GaussianPath, x0: torch.Tensor, eps: torch.Tensor, t_e: torch.
     mixed noise m = ((α_t/α_{t_e}) σ_{t_e} ε̂ + β n) / σ_t, so that x_t = α_t x̂0 + σ_t m.
     Returns (x_t, m).
     """
-    nd = x0.ndim
-    a_e, s_e = path.alpha_sigma(t_e, nd)
-    a_t, s_t = path.alpha_sigma(t, nd)
-    beta = transition_std(path, t_e, t, nd)
+    nd, dtype = x0.ndim, working_dtype(x0)
+    a_e, s_e = path.alpha_sigma(t_e, nd, dtype)
+    a_t, s_t = path.alpha_sigma(t, nd, dtype)
+    beta = transition_std(path, t_e, t, nd, dtype)
     x_e = path.ddim_move(x0, eps, t_e)
     x_t = (a_t / a_e) * x_e + beta * noise
     m = ((a_t / a_e) * s_e * eps + beta * noise) / s_t

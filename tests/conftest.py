@@ -15,7 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs through accelerate launch (seconds each)")
+    config.addinivalue_line("markers", "slow: end-to-end runs and script subprocesses, seconds each "
+                            "(bash scripts/test.sh --fast, i.e. -m 'not slow', leaves them out)")
 
 
 @pytest.fixture(scope="session")

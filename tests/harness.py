@@ -1,21 +1,25 @@
 """Run one training iteration through the script's own entry points (train_tdm.build and
 train_tdm.tdm_iteration) and the plain reference of tests/reference.py on the same weights and
-random stream, and compare losses, gradients and the weights after the optimiser steps."""
+the random values the training code drew, and compare losses, gradients and the weights after
+the optimiser steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from reference import (Record, Settings, concat_draws, draw_shard, plain_networks,
-                       reference_iteration)
+from reference import (Draw, Draws, Record, concat_draws, plain_networks, reference_iteration,
+                       settings_from_flags)
 
 PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree in a field",
            "a yellow bird on a wire", "a small house by a lake", "an old car in the rain",
            "a bowl of fruit", "a castle on a hill"]
 TOY_PROMPTS = ["0", "1", "2", "3", "", "1", "2", "0"]
+# float64 proofs: the worst error measured is 1.5e-12 of a tensor's scale (test_equivalence.py)
+RTOL_FP64 = 1e-9
 TOY_OPTIONS = {"mixture": {"circle": {"modes": 4, "radius": 2.0}, "std": 0.1, "conditional": True},
                "network": {"hidden": 32, "depth": 2, "time_channels": 16},
                "teacher": {"steps": 5, "batch_size": 64}}
@@ -60,20 +64,6 @@ def train_args(model: str, out: str, flags=(), family: str = "pixart", prompts=P
     return parse_args(base + list(flags))
 
 
-def settings_of(args, backbone=None) -> Settings:
-    """The reference's settings; --guidance_embedding auto is the backbone's own mode."""
-    embedded = args.guidance_embedding
-    if embedded is None:
-        embedded = getattr(backbone, "guidance_embedding", False)
-    return Settings(cfg=args.cfg, separate=args.use_separate, randmid=args.use_randmid,
-                    guidance_embedding=embedded,
-                    loss=args.loss, snr_gamma=args.snr_gamma,
-                    importance_weight=not args.no_importance_weight,
-                    share_step_draw=args.share_step_draw, unify_steps=tuple(args.unify_steps or ()),
-                    fake_step_condition=args.fake_step_condition, num_steps=args.num_steps,
-                    total_steps=args.total_steps)
-
-
 def perturb(params, seed: int, scale: float) -> None:
     """Move the trainable weights off their initialisation (LoRA B = 0, step tables = 0, student
     = fake = teacher), so that every role computes something different."""
@@ -95,17 +85,102 @@ def named(module, params) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if id(p) in ids}
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: Optional[torch.dtype]):
+    """torch's default dtype for the duration (None: unchanged). In float64 every tensor an
+    iteration creates (noise, draws, guidance values) is float64, as the networks are."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def float64_networks():
+    """train_tdm.build with every denoiser loaded in float64 (before data-parallel wrappers see
+    it, so DDP's gradient buckets are float64 too) and float64 as torch's default dtype."""
+    import tdm.backbones
+
+    load_backbone = tdm.backbones.load_backbone
+
+    def load_float64_backbone(*args, **kwargs):
+        backbone = load_backbone(*args, **kwargs)
+        load_denoiser = backbone.load_denoiser
+        backbone.load_denoiser = lambda dtype=None: load_denoiser(torch.float64)
+        return backbone
+
+    tdm.backbones.load_backbone = load_float64_backbone
+    try:
+        with default_dtype(torch.float64):
+            yield
+    finally:
+        tdm.backbones.load_backbone = load_backbone
+
+
+def record_draws(tdm) -> List[dict]:
+    """What the training code draws in each iteration — z, K, both draws, both diffusion noises —
+    read by wrapping the methods of the run's own TDM instance (the tests' side: no hook in
+    tdm/). One entry per iteration, in the order drawn."""
+    iterations = []
+    start, draw_num_steps, draw, randn = tdm.start, tdm.draw_num_steps, tdm.draw, tdm.randn
+
+    def recorded_start(*args, **kwargs):
+        iterations.append({"noise": []})
+        return start(*args, **kwargs)
+
+    def recorded_num_steps():
+        iterations[-1]["K"] = draw_num_steps()
+        return iterations[-1]["K"]
+
+    def recorded_draw(*args, **kwargs):
+        pair = draw(*args, **kwargs)
+        fields = ("k", "t_g", "t_e", "t")
+        iterations[-1]["draws"] = [Draw(*(getattr(d, f).detach().cpu().clone() for f in fields))
+                                   for d in pair]
+        return pair
+
+    def recorded_randn(*args, **kwargs):
+        noise = randn(*args, **kwargs)
+        iterations[-1]["noise"].append(noise.detach().cpu().clone())
+        return noise
+
+    tdm.start, tdm.draw_num_steps, tdm.draw, tdm.randn = (recorded_start, recorded_num_steps,
+                                                          recorded_draw, recorded_randn)
+    return iterations
+
+
+def as_draws(iteration: dict) -> Draws:
+    """One recorded iteration: z first, then the fake-score update's n, then the student's."""
+    assert len(iteration["noise"]) == 3, f"{len(iteration['noise'])} noise draws in one iteration"
+    z, fake_score_noise, student_noise = iteration["noise"]
+    fake_score_draw, student_draw = iteration["draws"]
+    return Draws(iteration["K"], z, fake_score_draw, student_draw, fake_score_noise, student_noise)
+
+
 class Production:
     """The training code's iteration, with its gradients read just before each optimiser step
-    (after data-parallel averaging and clipping)."""
+    (after data-parallel averaging and clipping). `float64`: the networks are built in float64
+    (and the fp32 LoRA weights cast), the text conditions cast, and the iteration runs with
+    float64 as torch's default dtype, so that its verdict cannot depend on a CPU's, a BLAS's or
+    a batch size's rounding."""
 
-    def __init__(self, args, perturb_scale: float = None):
+    def __init__(self, args, perturb_scale: float = None, float64: bool = False):
         import train_tdm
+        from tdm.conditions import condition_to
 
         reset_accelerate()
         self.args = args
-        self.run = train_tdm.build(args)
+        self.dtype = dtype = torch.float64 if float64 else None
+        with float64_networks() if float64 else contextlib.nullcontext():
+            self.run = train_tdm.build(args)
         nets = self.run.networks
+        if float64:
+            for module in nets.modules():
+                module.double()
+        self.encode = lambda prompts: condition_to(self.run.encode(prompts), dtype=dtype)
+        self.uncond = condition_to(self.run.uncond, dtype=dtype)
         student_module, fake_module = role_modules(nets)
         self.student = named(student_module, nets.student_params)
         self.fake_score = named(fake_module, nets.fake_score_params)
@@ -116,6 +191,7 @@ class Production:
         self.before = {id(p): p.detach().clone() for p in [*self.student.values(), *self.fake_score.values()]}
         self.student_state = {k: v.detach().clone() for k, v in student_module.state_dict().items()}
         self.fake_score_state = {k: v.detach().clone() for k, v in fake_module.state_dict().items()}
+        self.recorded = record_draws(self.run.tdm)
         self.grads = {}
         for role, optimizer, params in (("fake_score", self.run.fake_score_optimizer, self.fake_score),
                                         ("student", self.run.student_optimizer, self.student)):
@@ -123,15 +199,21 @@ class Production:
                 lambda opt, a, kw, role=role, params=params: self.grads.__setitem__(
                     role, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}))
 
+    @property
+    def draws(self) -> List[Draws]:
+        """The random values of every iteration so far (reference: the first ones)."""
+        return [as_draws(iteration) for iteration in self.recorded]
+
     def iterate(self, micro_batches: List[List[str]]) -> Record:
         import train_tdm
 
         run = self.run
         for prompts in micro_batches:
-            fake_score_loss, student_loss, skipped = train_tdm.tdm_iteration(
-                run.accelerator, run.tdm, run.networks, run.encode(prompts), run.uncond,
-                run.latent_shape, run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler,
-                self.args.max_grad_norm)
+            with default_dtype(self.dtype):
+                fake_score_loss, student_loss, skipped = train_tdm.tdm_iteration(
+                    run.accelerator, run.tdm, run.networks, self.encode(prompts), self.uncond,
+                    run.latent_shape, run.fake_score_optimizer, run.student_optimizer,
+                    run.lr_scheduler, self.args.max_grad_norm)
             assert skipped == 0
         change = lambda ps: {n: p.detach() - self.before[id(p)] for n, p in ps.items()}  # noqa: E731
         return Record(fake_score_loss.item(), student_loss.item(), self.grads["fake_score"],
@@ -139,77 +221,84 @@ class Production:
 
 
 def reference(production: Production, shard_prompts: List[List[List[str]]],
-              autocast_dtype=None) -> Record:
-    """The plain iteration on the production's initial weights. `shard_prompts[s][i]`: the
-    prompts of micro-batch i on process s (one process: a single shard); the shards of each
-    micro-batch are concatenated into one batch."""
-    from tdm.conditions import expand_condition
-    from tdm.step_condition import step_tables
-
+              autocast_dtype=None, shard_draws: Optional[List[List[Draws]]] = None) -> Record:
+    """The plain iteration on the production's initial weights and with the random values its
+    first iterations drew (run it after `production.iterate`). `shard_prompts[s][i]`: the prompts
+    of micro-batch i on process s (one process: a single shard), `shard_draws[s][i]` its draws
+    (default: this production's); the shards of each micro-batch are concatenated into one batch."""
     args, run = production.args, production.run
+    shard_draws = shard_draws or [production.draws]
+    assert all(len(shard) >= len(shard_prompts[0]) for shard in shard_draws), \
+        "no draws recorded for every micro-batch: run production.iterate before the reference"
+    with default_dtype(production.dtype):
+        return _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype)
+
+
+def _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype) -> Record:
     backbone = run.backbone
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         run.accelerator.mixed_precision, torch.float32)
-    tables = step_tables(args.num_steps, args.unify_steps, args.fake_step_condition)
-    plain = plain_networks(backbone, args.train_mode, weight_dtype, production.student_state,
-                           production.fake_score_state, tables, args.lora_rank, args.lora_alpha)
-    settings = settings_of(args, backbone)
-    shared = torch.Generator().manual_seed(args.seed)
-    rngs = [torch.Generator().manual_seed(args.seed + s) for s in range(len(shard_prompts))]
+    plain = plain_networks(backbone, args.pretrained_model_name_or_path, run.latent_shape,
+                           args.train_mode, weight_dtype, production.student_state,
+                           production.fake_score_state, args.lora_rank, args.lora_alpha,
+                           float64=production.dtype == torch.float64)
     micro_batches = []
     for i in range(len(shard_prompts[0])):
-        draws = []
-        for s, rng in enumerate(rngs):
-            # every process draws K from the same shared stream: replay it once per micro-batch
-            state = shared.get_state()
-            draws.append(draw_shard(settings, len(shard_prompts[s][i]), run.latent_shape, 0,
-                                    shared, rng))
-            if s < len(rngs) - 1:
-                shared.set_state(state)
-        prompts = [p for s in range(len(shard_prompts)) for p in shard_prompts[s][i]]
-        cond = backbone.encode_prompts(prompts)
-        uncond = expand_condition(backbone.encode_prompts([""]), len(prompts))
-        micro_batches.append((cond, uncond, concat_draws(draws)))
-    return reference_iteration(plain, backbone, settings, micro_batches, args.learning_rate,
-                               args.learning_rate * args.generator_lr_ratio, args.max_grad_norm,
-                               autocast_dtype)
+        prompts = [p for shard in shard_prompts for p in shard[i]]
+        draws = concat_draws([shard[i] for shard in shard_draws])
+        micro_batches.append((backbone.encode_prompts(prompts), backbone.encode_prompts([""]), draws))
+    return reference_iteration(plain, settings_from_flags(args._flags), micro_batches,
+                               args.learning_rate, args.learning_rate * args.generator_lr_ratio,
+                               args.max_grad_norm, autocast_dtype)
+
+
+def tensor_errors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per tensor (same names), in float64: max |actual − expected| over the tensor's scale, its
+    largest magnitude, or a hundredth of the largest magnitude of them all for tensors that are
+    about zero by cancellation, such as the gradient of an attention key projection or bias,
+    which softmax's shift invariance cancels (rounding then reaches far more of their own size)."""
+    assert sorted(actual) == sorted(expected), "names differ"
+    overall = max(want.double().abs().max().item() for want in expected.values())
+    errors = {}
+    for name, want in expected.items():
+        want = want.double()
+        scale = max(want.abs().max().item(), 1e-2 * overall)
+        errors[name] = (actual[name].double() - want).abs().max().item() / scale
+    return errors
 
 
 def assert_tensors_equal(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
                          rtol: float, what: str) -> None:
-    """Same names; every tensor within `rtol` of its largest magnitude, or of a hundredth of the
-    largest magnitude of them all for tensors that are about zero by cancellation, such as the
-    gradient of an attention key projection or bias, which softmax's shift invariance cancels
-    (fp32 rounding then reaches ~1e-4 of their own size)."""
-    assert sorted(actual) == sorted(expected), f"{what}: names differ"
-    overall = max(want.float().abs().max().item() for want in expected.values())
-    for name, want in expected.items():
-        got = actual[name].float()
-        scale = max(want.float().abs().max().item(), 1e-2 * overall)
-        err = (got - want.float()).abs().max().item()
-        assert err <= rtol * scale, (f"{what} {name}: max error {err:.3g} vs scale "
-                                     f"{scale:.3g} (rtol {rtol})")
+    """Every tensor within `rtol` of its scale (tensor_errors)."""
+    name, error = max(tensor_errors(actual, expected).items(), key=lambda item: item[1])
+    assert error <= rtol, f"{what} {name}: max error {error:.3g} of its scale (rtol {rtol})"
 
 
 def grad_norm(grads: Dict[str, torch.Tensor]) -> float:
     return float(sum(g.double().pow(2).sum() for g in grads.values()).sqrt())
 
 
-def assert_records_equal(actual: Record, expected: Record, rtol: float = 1e-4) -> None:
-    """Losses, both updates' gradients element by element, and the weight changes of both
-    optimiser steps. Adam divides each gradient element by its own magnitude, so an element
-    whose gradient is ~0 (rounding-level) can step anywhere in ±lr: the steps are compared as
-    a whole (relative L2), the gradients that produce them element by element."""
-    torch.testing.assert_close(actual.fake_score_loss, expected.fake_score_loss, rtol=rtol, atol=0)
-    torch.testing.assert_close(actual.student_loss, expected.student_loss, rtol=rtol, atol=0)
-    # a comparison of zeros would prove nothing
+def record_errors(actual: Record, expected: Record) -> Dict[str, float]:
+    """The worst relative error of each part of a record: losses, gradients element by element
+    (tensor_errors) and each optimiser step as a whole (relative L2: Adam divides each gradient
+    element by its own magnitude, so an element whose gradient is ~0 can step anywhere in ±lr)."""
+    relative = lambda a, e: abs(a - e) / abs(e)  # noqa: E731
+    return {"fake_score_loss": relative(actual.fake_score_loss, expected.fake_score_loss),
+            "student_loss": relative(actual.student_loss, expected.student_loss),
+            "fake_score_grads": max(tensor_errors(actual.fake_score_grads, expected.fake_score_grads).values()),
+            "student_grads": max(tensor_errors(actual.student_grads, expected.student_grads).values()),
+            "fake_score_step": relative_error(actual.fake_score_step, expected.fake_score_step),
+            "student_step": relative_error(actual.student_step, expected.student_step)}
+
+
+def assert_records_equal(actual: Record, expected: Record, rtol: float) -> None:
+    """Losses, both updates' gradients element by element and both optimiser steps within `rtol`
+    (record_errors); a comparison of zeros would prove nothing, so the gradients must not be."""
     assert grad_norm(expected.fake_score_grads) > 0 and grad_norm(expected.student_grads) > 0
     assert_tensors_equal(actual.fake_score_grads, expected.fake_score_grads, rtol, "fake-score gradient")
     assert_tensors_equal(actual.student_grads, expected.student_grads, rtol, "student gradient")
-    for what, a, e in (("fake-score", actual.fake_score_step, expected.fake_score_step),
-                       ("student", actual.student_step, expected.student_step)):
-        error = relative_error(a, e)
-        assert error <= 10 * rtol, f"{what} optimiser step: relative L2 error {error:.3g}"
+    worst = {part: error for part, error in record_errors(actual, expected).items() if error > rtol}
+    assert not worst, f"relative errors above {rtol}: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items())
 
 
 def relative_error(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> float:
@@ -229,5 +318,4 @@ def assert_records_close(actual: Record, expected: Record, rtol: float) -> None:
     for what, a, e in (("fake-score", actual.fake_score_grads, expected.fake_score_grads),
                        ("student", actual.student_grads, expected.student_grads)):
         error = relative_error(a, e)
-        print(f"{what} gradient: relative L2 error {error:.3g}")
         assert error <= rtol, f"{what} gradient: relative L2 error {error:.3g} > {rtol}"

@@ -270,14 +270,14 @@ def test_schnell_classifier_free_guidance_matches_the_reference(tiny_schnell, tm
     branches: the script's iteration equals the plain reference (tests/test_equivalence.py runs
     the guidance-embedded FLUX.1-dev layout in every mode)."""
     from harness import PROMPTS as EQ_PROMPTS
-    from harness import Production, assert_records_equal, reference, train_args
+    from harness import RTOL_FP64, Production, assert_records_equal, reference, train_args
 
     args = train_args(tiny_schnell, str(tmp_path), ["--train_mode", mode, "--use_separate",
                                                     "--max_sequence_length", str(MAX_LENGTH)], "flux")
-    production = Production(args)
+    production = Production(args, float64=True)
     assert production.run.backbone.guidance_embedding is False and args.cfg != 1.0
-    expected = reference(production, [[EQ_PROMPTS[:2]]])
-    assert_records_equal(production.iterate([EQ_PROMPTS[:2]]), expected)
+    actual = production.iterate([EQ_PROMPTS[:2]])
+    assert_records_equal(actual, reference(production, [[EQ_PROMPTS[:2]]]), RTOL_FP64)
 
 
 def test_inference_samples_with_the_guidance_the_student_was_trained_with(tiny_dev, tiny_schnell):

@@ -56,6 +56,7 @@ def test_upstream_snippet_lines_load_the_lora_and_honour_the_scale(tiny_sd15, tm
     check_upstream_lines_and_scale(tiny_sd15, save_student(tiny_sd15[1], tmp_path))
 
 
+@pytest.mark.slow
 def test_kohya_export_loads_back_through_load_lora_weights(tiny_sd15, tmp_path):
     check_kohya_round_trip(tiny_sd15, tmp_path)
 

@@ -53,6 +53,7 @@ def test_lora_lines_load_the_lora_and_honour_the_scale(tiny_sdxl, tmp_path):
     check_upstream_lines_and_scale(tiny_sdxl, save_student(tiny_sdxl[1], tmp_path))
 
 
+@pytest.mark.slow
 def test_kohya_export_loads_back_through_load_lora_weights(tiny_sdxl, tmp_path):
     check_kohya_round_trip(tiny_sdxl, tmp_path)
 

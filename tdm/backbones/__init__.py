@@ -7,6 +7,7 @@ import os
 import pkgutil
 from typing import Optional
 
+from ..checks import did_you_mean
 from .base import Backbone, Denoiser
 
 
@@ -44,7 +45,8 @@ def pipeline_class_name(model_path: str, revision: Optional[str] = None) -> str:
 def backbone_class(name: str, model_path: str, revision: Optional[str] = None):
     if name != "auto":
         if name not in BACKBONES:
-            raise ValueError(f"--backbone {name!r} is not one of {', '.join(BACKBONES)}")
+            raise ValueError(f"--backbone {name!r} is not one of {', '.join(BACKBONES)}"
+                             f"{did_you_mean(name, BACKBONES)}")
         return BACKBONES[name]
     pipeline = pipeline_class_name(model_path, revision)
     for cls in BACKBONES.values():

@@ -45,7 +45,7 @@ def flow_path(scheduler) -> GaussianPath:
     sigma = scheduler.sigmas.flip(0)
     if sigma.shape[0] != scheduler.config.num_train_timesteps:
         raise ValueError("expected the scheduler's training sigmas (set_timesteps was called?)")
-    return GaussianPath(1.0 - sigma, sigma)
+    return GaussianPath.flow(sigma)
 
 
 def sampling_scheduler(scheduler_config, **overrides):

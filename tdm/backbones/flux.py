@@ -66,7 +66,7 @@ def flux_path(scheduler_config, mu: float) -> GaussianPath:
     total = scheduler.config.num_train_timesteps
     scheduler.set_timesteps(sigmas=[(t + 1) / total for t in range(total)], mu=mu)
     sigma = scheduler.sigmas[:total].float()   # the appended terminal 0 dropped
-    return GaussianPath(1.0 - sigma, sigma)
+    return GaussianPath.flow(sigma)
 
 
 class FluxBackbone(FlowMatchingBackbone):
@@ -104,11 +104,11 @@ class FluxBackbone(FlowMatchingBackbone):
         self.vae = None
 
     # -- limits ---------------------------------------------------------------------------
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """Packing takes 2×2 latent patches: a multiple of VAE factor × 2 (16 for FLUX.1)."""
         factor = self.vae_scale_factor * 2
         if resolution <= 0 or resolution % factor:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {factor} (VAE factor "
+            raise ValueError(f"{flag} {resolution} must be a multiple of {factor} (VAE factor "
                              f"{self.vae_scale_factor} × 2 for FLUX's 2×2 packing); use "
                              f"{max(factor, round(resolution / factor) * factor)}")
 
@@ -175,7 +175,7 @@ class FluxBackbone(FlowMatchingBackbone):
             return cond[GUIDANCE].float()
         return torch.full((batch,), self.student_guidance, device=device, dtype=torch.float32)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 in the unpacked layout (path.x0_eps 'flow')."""
         from diffusers import FluxPipeline
 

@@ -91,11 +91,11 @@ class SanaBackbone(FlowMatchingBackbone):
     # Gemma encoder, so that its own encode_prompt embeds prompts, and the DC-AE).
 
     # -- fit ------------------------------------------------------------------------------
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """The DC-AE factor × patch size (Backbone), and SanaPipeline's own multiple of 32."""
-        super().check_resolution(resolution)
+        super().check_resolution(resolution, flag)
         if resolution % SANA_PATTERN_FACTOR:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {SANA_PATTERN_FACTOR} "
+            raise ValueError(f"{flag} {resolution} must be a multiple of {SANA_PATTERN_FACTOR} "
                              "(SanaPipeline refuses other sizes)")
 
     def condition_key(self) -> str:
@@ -161,7 +161,7 @@ class SanaBackbone(FlowMatchingBackbone):
         """SD3's σ_t·1000 times the transformer's timestep_scale (SanaPipeline's input)."""
         return super().timestep(t) * self.denoiser_config.get("timestep_scale", 1.0)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow')."""
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
