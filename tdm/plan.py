@@ -264,8 +264,17 @@ def _resident(run):
     for module in modules:
         yield from module.parameters()
         yield from module.buffers()
-    yield from (v for v in vars(backbone.path).values() if isinstance(v, torch.Tensor))
+    yield from _tensors_in(vars(backbone.path).values())
     yield from (v for v in run.uncond.values() if isinstance(v, torch.Tensor))
+
+
+def _tensors_in(values):
+    """The tensors among `values`, inside dicts and tuples too (the path's tables per dtype)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (dict, tuple, list)):
+            yield from _tensors_in(value.values() if isinstance(value, dict) else value)
 
 
 def _loaded(trace: MemoryTrace, run, eight_bit: bool):
