@@ -6,6 +6,7 @@ the cards it fits and the smallest change that fits the others (tdm/plan.py; CPU
     python scripts/plan.py --config configs/pixart_alpha_512.yaml --train_batch_size 8 --no_suggest
     python scripts/plan.py --validate                  # PixArt-XL-2-512 against its measured peaks
     python scripts/plan.py --table configs/*.yaml      # the table of docs/families.md
+    python scripts/plan.py --table --cached configs/*.yaml   # only the plans already cached
 
 Every other flag is train_tdm.py's; plans are cached per setting in $XDG_CACHE_HOME/tdm/plans.
 """
@@ -102,12 +103,16 @@ def validate() -> int:
     return 0
 
 
-def table(configs: list) -> int:
+def table(configs: list, cached_only: bool = False) -> int:
     """Markdown rows: each config at its batch, bf16, planned in LoRA and full mode, with and
     without gradient checkpointing (GiB per process, TFLOP per iteration), and the cards the
-    config as shipped fits (tdm.plan.CARDS)."""
+    config as shipped fits (tdm.plan.CARDS). `cached_only`: plans not in the cache are left out
+    ("not planned") instead of planned now."""
     from tdm.config import parse_args
-    from tdm.plan import cached_plan, cards_fitted
+    from tdm.plan import cache_path, cached_plan, cards_fitted
+
+    def planned(args):
+        return None if cached_only and not os.path.isfile(cache_path(args)) else cached_plan(args)
 
     print("| config | batch × accumulation | LoRA, checkpointing | LoRA, none | full, checkpointing "
           "| full, none | as shipped: fits |\n|---|---|---|---|---|---|---|")
@@ -116,13 +121,14 @@ def table(configs: list) -> int:
         cells = []
         for mode in ("lora", "full"):
             for checkpointing in (True, False):
-                planned = cached_plan(args.replace(train_mode=mode, gradient_checkpointing=checkpointing))
-                cells.append(f"{planned.peak_gib:.1f} GiB, {planned.tflop:.0f} TFLOP")
-        shipped = cached_plan(args)
-        fitted = [card for card, ok in cards_fitted(shipped.peak).items() if ok]
+                cell = planned(args.replace(train_mode=mode, gradient_checkpointing=checkpointing))
+                cells.append(f"{cell.peak_gib:.1f} GiB, {cell.tflop:.0f} TFLOP" if cell else "not planned")
+        shipped = planned(args)
+        fitted = shipped and ", ".join(c for c, ok in cards_fitted(shipped.peak).items() if ok)
         print(f"| `{os.path.basename(config)}` ({args.train_mode}) | {args.train_batch_size} × "
               f"{args.gradient_accumulation_steps} | {' | '.join(cells)} | "
-              f"{', '.join(fitted) or 'none'} ({shipped.peak_gib:.1f} GiB) |", flush=True)
+              + (f"{fitted or 'none'} ({shipped.peak_gib:.1f} GiB) |" if shipped else "not planned |"),
+              flush=True)
     return 0
 
 
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["--validate"]:
         return validate()
     if argv[:1] == ["--table"]:
-        return table(argv[1:])
+        cached_only = "--cached" in argv
+        return table([a for a in argv[1:] if a != "--cached"], cached_only)
     from tdm.plan import main as plan_main
 
     return plan_main(argv)

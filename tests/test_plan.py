@@ -196,6 +196,7 @@ def test_cli_plans_once_per_config_and_refuses_bad_flags_in_one_line(tiny_models
     assert err.startswith("error: --num_processes") and err.count("\n") == 1
 
 
+@pytest.mark.slow   # a fresh interpreter imports torch and diffusers (~15 s idle)
 def test_train_tdm_plans_in_a_subprocess_once_per_config(tiny_models, tmp_path, monkeypatch):
     """What train_tdm.build runs on a GPU before loading weights (tdm.plan.warn_if_over_memory):
     the plan in a fresh interpreter from the run's flags, cached for the next launch."""
