@@ -10,6 +10,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag lr01 --generator_lr_ratio 0.1
     python scripts/toy_seeds.py table base lr01
     python scripts/toy_seeds.py curves assets/toy2d_seeds.png base:square5:3 base:square5:2   # needs matplotlib
+    python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -286,21 +287,52 @@ def curves(path: str, runs) -> None:
     ax[5].set_yscale("log")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
+    print(path)
+
+
+def scatter(path: str, runs) -> None:
+    """Scatter panels (20,000 draws, one noise) of TAG:MIXTURE:SEED students, or of
+    teacher:MIXTURE:SEED (that seed's teacher, DDIM 50), 4 per row, into `path`."""
+    from tdm.backbones import load_backbone
+    from tdm.images import image_grid
+    from tdm.toy.evaluate import scatter_panel
+    from tdm.trajectory import StepGrid, rollout
+
+    panels = []
+    for spec in runs:
+        tag, mix, seed = spec.split(":")
+        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mix}_s{seed}"), "toy2d",
+                                 options=options(mix, int(seed)))
+        if tag == "teacher":
+            net, grid, label = backbone.load_denoiser(), StepGrid.uniform(50, backbone.path.num_timesteps), f"{mix} s{seed}: teacher DDIM 50"
+        else:
+            with open(os.path.join(OUT, tag, f"{mix}_s{seed}", "result.json")) as f:
+                res = json.load(f)
+            net, grid = backbone.load_student(os.path.join(OUT, tag, f"{mix}_s{seed}")), StepGrid([449, 336, 224, 111])
+            label = f"{mix} s{seed} {tag}: SWD {res['r_swd']:.2f}x, MMD2 {res['r_mmd']:.1f}x"
+        noise = torch.randn((20000, 2), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            x = rollout(backbone.denoiser(net.eval()), noise, backbone.encode_prompts([""] * len(noise)),
+                        grid, backbone.path).sample
+        panels.append(scatter_panel(x.numpy(), label, extent=2.6))
+    image_grid(panels, rows=(len(panels) + 3) // 4).save(path)
     print(path)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves"):
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter"):
         print(__doc__)
         return 2
     if argv[0] == "run":
         run(argv[1:])
     elif argv[0] == "table":
         table(argv[1:])
-    else:
+    elif argv[0] == "curves":
         curves(argv[1], argv[2:])
+    else:
+        scatter(argv[1], argv[2:])
     return 0
 
 
