@@ -540,3 +540,53 @@ def test_infer_samples_the_toy_student_beside_its_teacher(tiny_models, tmp_path,
     assert np.abs(student - teacher).max() > 1e-3
     sample(changed, "--prompt", "1", "--prompt", "2")             # class labels; DDIM 50 by default
     assert "teacher DDIM 50 with cfg 1" in capsys.readouterr().out
+
+
+def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_path, monkeypatch):
+    """scripts/toy_seeds.py: with its trace the run's losses equal a plain run's; the trace's last
+    line equals SWD/MMD² recomputed on the exported student from the trace's noise; it records
+    one gradient norm per update (3 fake, 3 student per 3 steps), and --fake_updates 2 makes
+    it two fake-score updates per student update."""
+    import train_tdm
+    from scripts import toy_seeds
+    from tdm.metrics import sliced_wasserstein
+    from tdm.toy.evaluate import mmd2_unbiased
+    from tdm.trajectory import StepGrid, rollout
+
+    originals = {name: getattr(train_tdm, name)
+                 for name in ("update", "all_finite", "log_validation", "tdm_iteration")}
+    for name, value in originals.items():
+        monkeypatch.setattr(train_tdm, name, value)   # restored after the test
+    backbone = toy(tmp_path)
+    counts = []
+
+    class Counting(toy_seeds.Tracer):
+        def __call__(self, accelerator, args, run, step, measures=None):
+            counts.append({who: len(v) for who, v in self.norms.items()})
+            super().__call__(accelerator, args, run, step, measures)
+
+    tracer = Counting(backbone, str(tmp_path / "trace.jsonl"), n=300)
+    toy_seeds.wrap_update(train_tdm, tracer)
+    assert train_tdm.main(toy_run_args(tmp_path, "traced", "--validation_steps", "3")) == 0
+    assert counts == [{"fake": 3, "student": 3}] * 2
+    rows = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and all(r["gn_student_mean"] > 0 for r in rows)
+    student = backbone.denoiser(backbone.load_student(str(tmp_path / "traced")).eval())
+    args = toy_run_args(tmp_path, "plain")
+    x = rollout(student, tracer.noise, backbone.encode_prompts([""] * 300), StepGrid(args.timesteps),
+                backbone.path).sample
+    assert rows[-1]["swd"] == pytest.approx(sliced_wasserstein(x, tracer.reference, 128, 0), rel=1e-6)
+    assert rows[-1]["mmd"] == pytest.approx(mmd2_unbiased(x, tracer.reference[:300], 0.1), rel=1e-6, abs=1e-12)
+
+    for name, value in originals.items():   # the plain run: train_tdm as shipped
+        setattr(train_tdm, name, value)
+    assert train_tdm.main(toy_run_args(tmp_path, "plain", "--validation_steps", "0")) == 0
+    losses = lambda folder: [(l["loss_fake_score"], l["loss_student"]) for l in map(  # noqa: E731
+        json.loads, (tmp_path / folder / "train_log.jsonl").read_text().splitlines()) if "loss_student" in l]
+    assert losses("plain") == losses("traced") and len(losses("plain")) == 6
+
+    counts.clear()
+    toy_seeds.wrap_update(train_tdm, tracer)
+    toy_seeds.add_fake_updates(train_tdm, 1)
+    assert train_tdm.main(toy_run_args(tmp_path, "two_fake", "--validation_steps", "3")) == 0
+    assert counts == [{"fake": 6, "student": 3}] * 2
