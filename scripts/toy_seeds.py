@@ -179,7 +179,8 @@ def run(argv) -> None:
     seconds["eval"] = time.time() - start
     result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "flags": flags, "fake_updates": job.fake_updates,
               "student_swd": student["swd"]["student_4step"], "student_mmd": student["mmd"]["student_4step"],
-              "teacher_swd": teacher_eval["swd"]["teacher_ddim50"], "teacher_mmd": teacher_eval["mmd"]["teacher_ddim50"],
+              "teacher_swd": teacher_eval["swd"]["teacher_ddim50"],
+              "teacher_mmd": teacher_eval["mmd"]["teacher_ddim50"],
               "floor_swd": teacher_eval["swd"]["ground_truth"], "floor_mmd": teacher_eval["mmd"]["ground_truth"],
               "student_modes": student["modes"]["student_4step"],
               "teacher_modes": teacher_eval["modes"]["teacher_ddim50"],
@@ -191,7 +192,8 @@ def run(argv) -> None:
     with open(os.path.join(OUT, "log.jsonl"), "a") as f:
         f.write(json.dumps({k: v for k, v in result.items() if "modes" not in k}) + "\n")
     print(f"{job.tag} {job.mixture} s{job.seed}: SWD {result['student_swd']:.4f} / teacher {result['teacher_swd']:.4f} "
-          f"({result['r_swd']:.2f}×), MMD² {1e3 * result['student_mmd']:.2f} / {1e3 * result['teacher_mmd']:.2f} ×10⁻³ "
+          f"({result['r_swd']:.2f}×), MMD² {1e3 * result['student_mmd']:.2f} / "
+          f"{1e3 * result['teacher_mmd']:.2f} ×10⁻³ "
           f"({result['r_mmd']:.2f}×), distillation {seconds['train']:.0f} s")
 
 
@@ -214,7 +216,8 @@ def within(r: dict) -> bool:
 def table(tags) -> None:
     """Markdown: one row per seed, then mean ± std (over seeds) per recipe and mixture."""
     rows = results(tags)
-    print("| recipe | mixture | seed | SWD student / teacher DDIM 50 | ratio | MMD² ×10³ student / teacher | ratio | within 10 % |")
+    print("| recipe | mixture | seed | SWD student / teacher DDIM 50 | ratio | MMD² ×10³ student / teacher "
+          "| ratio | within 10 % |")
     print("|---|---|---|---|---|---|---|---|")
     for (tag, mix, seed), r in rows.items():
         print(f"| {tag} | {mix} | {seed} | {r['student_swd']:.4f} / {r['teacher_swd']:.4f} | {r['r_swd']:.2f} | "
@@ -228,7 +231,8 @@ def table(tags) -> None:
         mean = f"{statistics.mean(values):.{digits}f}"
         return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
-    print("\n| recipe | mixture | seeds | SWD student | SWD teacher | MMD² ×10³ student | MMD² ×10³ teacher | seeds within 10 % |")
+    print("\n| recipe | mixture | seeds | SWD student | SWD teacher | MMD² ×10³ student | MMD² ×10³ teacher "
+          "| seeds within 10 % |")
     print("|---|---|---|---|---|---|---|---|")
     for (tag, mix), rs in groups.items():
         print(f"| {tag} | {mix} | {len(rs)} | {spread([r['student_swd'] for r in rs], 4)} | "
@@ -305,7 +309,8 @@ def scatter(path: str, runs) -> None:
         backbone = load_backbone(os.path.join(OUT, "teachers", f"{mix}_s{seed}"), "toy2d",
                                  options=options(mix, int(seed)))
         if tag == "teacher":
-            net, grid, label = backbone.load_denoiser(), StepGrid.uniform(50, backbone.path.num_timesteps), f"{mix} s{seed}: teacher DDIM 50"
+            net, label = backbone.load_denoiser(), f"{mix} s{seed}: teacher DDIM 50"
+            grid = StepGrid.uniform(50, backbone.path.num_timesteps)
         else:
             with open(os.path.join(OUT, tag, f"{mix}_s{seed}", "result.json")) as f:
                 res = json.load(f)
