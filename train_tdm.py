@@ -218,23 +218,27 @@ def all_finite(accelerator, values: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def log_validation(accelerator, args, run, global_step):
-    """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K.
-    Every rank samples (a sharded student needs all ranks in each forward; a DDP student is
-    called unwrapped and the other ranks would only wait); the main process writes."""
+def log_validation(accelerator, args, run, global_step, measures):
+    """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K, and
+    its `measures` (tdm.validation) logged. Every rank samples (a sharded student needs all
+    ranks in each forward; a DDP student is called unwrapped and the other ranks would only
+    wait); the main process writes."""
     from tdm.images import image_grid, to_pil
+    from tdm.validation import log_measures
 
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
     prompts = args.validation_prompts
     cond = run.encode(prompts)
     rng = torch.Generator().manual_seed(args.validation_seed)
     shape = (len(prompts), *backbone.latent_shape(args.resolution, args.num_frames))
-    noise = torch.randn(shape, generator=rng)
+    noise = torch.randn(shape, generator=rng).to(accelerator.device)
     with accelerator.autocast():
-        latents = torch.cat([tdm.rollout(student, noise.to(accelerator.device), cond, num_steps=K).sample
-                             for K in tdm.step_counts])
+        samples = {K: tdm.rollout(student, noise, cond, num_steps=K).sample for K in tdm.step_counts}
+        scores = measures(samples, noise, cond, lambda z, c: tdm.rollout(student, z, c).sample)
+    latents = torch.cat(list(samples.values()))
     if not accelerator.is_main_process:
         return
+    log_measures(accelerator, os.path.join(args.output_dir, "train_log.jsonl"), global_step, scores)
     counts = tdm.step_counts
     grid = image_grid(to_pil(backbone.decode(latents)), rows=len(counts),
                       row_labels=[f"{K} steps" for K in counts] if len(counts) > 1 else None)
@@ -440,6 +444,10 @@ def main(args) -> int:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     accelerator.wait_for_everyone()   # no rank writes into the folder before it is cleared
 
+    if args.validation_steps:
+        from tdm.validation import validation_measures
+
+        measures = validation_measures(args, backbone, tdm, networks.teacher, run.uncond)
     global_step = run.start_step
     if run.resumed_from is not None:
         logger.info("resumed from %s at step %d", run.resumed_from, global_step)
@@ -496,7 +504,7 @@ def main(args) -> int:
                 save_checkpoint(accelerator, args, global_step)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
-                    log_validation(accelerator, args, run, global_step)
+                    log_validation(accelerator, args, run, global_step, measures)
             if stop.requested(accelerator):
                 progress.close()
                 path = save_checkpoint(accelerator, args, global_step)

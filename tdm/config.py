@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Prompts of the validation grid; default: the first four lines of "
                    "assets/validation_prompts.txt.")
+    g.add_argument("--validation_teacher_steps", type=Number(int, low=0), default=25,
+                   help="At each validation, compare the student's samples with the teacher's "
+                   "DDIM samples of this many steps from the same noise and prompts (computed "
+                   "once): val_teacher_mad_k{K} in train_log.jsonl; 0 disables.")
     g.add_argument("--log_prompts", action="store_true",
                    help="Write every rank's prompts of each step to OUTPUT_DIR/train_log.jsonl.")
     g.add_argument("--validation_seed", type=SEED, default=0, help="Seed of the validation noise.")

@@ -183,6 +183,72 @@ def test_teacher_is_pretrained_once_and_reused(tmp_path, monkeypatch):
         teacher.ensure_teacher(str(tmp_path / "other"), SMALL)
 
 
+def toy_run_args(tmp_path, name, *extra):
+    from tdm.config import parse_args
+
+    return parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
+                       "--pretrained_model_name_or_path", str(tmp_path / "teacher"),
+                       "--backbone_options", json.dumps({**SMALL, "mixture": {}}),
+                       "--output_dir", str(tmp_path / name), "--max_train_steps", "6",
+                       "--train_batch_size", "64", *extra])
+
+
+def test_toy_run_logs_its_quality_against_held_out_data_by_value(tmp_path):
+    """Every --validation_steps the toy logs (train_log.jsonl, TensorBoard) the SWD, MMD² and mode
+    statistics of the student's samples against its held-out ground truth, equal to the metrics
+    recomputed on the exported student's samples; the teacher's DDIM on the same inputs (computed
+    once, the same at every validation); and the agreement with the teacher on the validation
+    prompts. Training is the same with validation as without."""
+    import train_tdm
+    from tdm.metrics import sliced_wasserstein
+    from tdm.toy.evaluate import MMD_BANDWIDTH, SEEDS, mmd2_unbiased, mode_statistics
+    from tdm.trajectory import StepGrid, rollout
+
+    backbone = toy(tmp_path)
+    args = toy_run_args(tmp_path, "watched", "--validation_steps", "3", "--validation_teacher_steps", "10",
+                        "--report_to", "tensorboard")
+    assert train_tdm.main(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "watched" / "train_log.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "val_swd" in line]
+    assert [line["step"] for line in logged] == [3, 6]
+
+    held = backbone.held_out_data()
+    grid, uniform = StepGrid(args.timesteps), StepGrid.uniform(10, 1000)
+    student = backbone.denoiser(backbone.load_student(str(tmp_path / "watched")).eval())
+    teacher = backbone.denoiser(backbone.load_denoiser().eval())
+    for name, net, steps in (("val_", student, grid), ("val_teacher_", teacher, uniform)):
+        x = rollout(net, held.noise, held.cond, steps, backbone.path).sample
+        modes = mode_statistics(x, backbone.mixture)
+        expected = {"swd": sliced_wasserstein(x, held.reference, 256, SEEDS["projections"]),
+                    "mmd2": mmd2_unbiased(x, held.reference[:5000], MMD_BANDWIDTH),
+                    "off_mode": modes["off_mode"], "weight_error": modes["weight_error"],
+                    "width": modes["width_mean"]}
+        for key, value in expected.items():
+            assert logged[-1][name + key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert len(held.reference) == 25000 and held.noise.shape == (5000, 2)
+    assert all(logged[0][k] == logged[1][k] for k in logged[0] if k.startswith("val_teacher_") and
+               "mad" not in k)
+    prompts = backbone.encode_prompts(args.validation_prompts)
+    noise = torch.randn((len(args.validation_prompts), 2), generator=torch.Generator().manual_seed(0))
+    mad = (rollout(student, noise, prompts, grid, backbone.path).sample
+           - rollout(teacher, noise, prompts, uniform, backbone.path).sample).abs().mean().item()
+    assert logged[-1]["val_teacher_mad_k4"] == pytest.approx(mad, rel=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "watched" / "logs")
+              for f in files if f.startswith("events.")]
+    scalars = EventAccumulator(events[0]).Reload()
+    board = scalars.Scalars("val_mmd2")
+    assert [e.step for e in board] == [3, 6]
+    assert [e.value for e in board] == pytest.approx([line["val_mmd2"] for line in logged], rel=1e-6)
+
+    assert train_tdm.main(toy_run_args(tmp_path, "plain", "--validation_steps", "0")) == 0
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "train_log.jsonl").read_text().splitlines()]
+    losses = lambda log: [(l["loss_fake_score"], l["loss_student"]) for l in log if "loss_student" in l]  # noqa: E731
+    assert losses(plain) == losses(lines) and len(losses(plain)) == 6
+
+
 def test_handoff_samples_hand_over_at_the_last_steps_input(tmp_path):
     """With the teacher's network as the student, every hand-over is a plain rollout: the
     student's states up to τ_1 finished by the teacher are the teacher on the joined grid, and
@@ -474,3 +540,53 @@ def test_infer_samples_the_toy_student_beside_its_teacher(tiny_models, tmp_path,
     assert np.abs(student - teacher).max() > 1e-3
     sample(changed, "--prompt", "1", "--prompt", "2")             # class labels; DDIM 50 by default
     assert "teacher DDIM 50 with cfg 1" in capsys.readouterr().out
+
+
+def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_path, monkeypatch):
+    """scripts/toy_seeds.py: with its trace the run's losses equal a plain run's; the trace's last
+    line equals SWD/MMD² recomputed on the exported student from the trace's noise; it records
+    one gradient norm per update (3 fake, 3 student per 3 steps), and --fake_updates 2 makes
+    it two fake-score updates per student update."""
+    import train_tdm
+    from scripts import toy_seeds
+    from tdm.metrics import sliced_wasserstein
+    from tdm.toy.evaluate import mmd2_unbiased
+    from tdm.trajectory import StepGrid, rollout
+
+    originals = {name: getattr(train_tdm, name)
+                 for name in ("update", "all_finite", "log_validation", "tdm_iteration")}
+    for name, value in originals.items():
+        monkeypatch.setattr(train_tdm, name, value)   # restored after the test
+    backbone = toy(tmp_path)
+    counts = []
+
+    class Counting(toy_seeds.Tracer):
+        def __call__(self, accelerator, args, run, step, measures=None):
+            counts.append({who: len(v) for who, v in self.norms.items()})
+            super().__call__(accelerator, args, run, step, measures)
+
+    tracer = Counting(backbone, str(tmp_path / "trace.jsonl"), n=300)
+    toy_seeds.wrap_update(train_tdm, tracer)
+    assert train_tdm.main(toy_run_args(tmp_path, "traced", "--validation_steps", "3")) == 0
+    assert counts == [{"fake": 3, "student": 3}] * 2
+    rows = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and all(r["gn_student_mean"] > 0 for r in rows)
+    student = backbone.denoiser(backbone.load_student(str(tmp_path / "traced")).eval())
+    args = toy_run_args(tmp_path, "plain")
+    x = rollout(student, tracer.noise, backbone.encode_prompts([""] * 300), StepGrid(args.timesteps),
+                backbone.path).sample
+    assert rows[-1]["swd"] == pytest.approx(sliced_wasserstein(x, tracer.reference, 128, 0), rel=1e-6)
+    assert rows[-1]["mmd"] == pytest.approx(mmd2_unbiased(x, tracer.reference[:300], 0.1), rel=1e-6, abs=1e-12)
+
+    for name, value in originals.items():   # the plain run: train_tdm as shipped
+        setattr(train_tdm, name, value)
+    assert train_tdm.main(toy_run_args(tmp_path, "plain", "--validation_steps", "0")) == 0
+    losses = lambda folder: [(l["loss_fake_score"], l["loss_student"]) for l in map(  # noqa: E731
+        json.loads, (tmp_path / folder / "train_log.jsonl").read_text().splitlines()) if "loss_student" in l]
+    assert losses("plain") == losses("traced") and len(losses("plain")) == 6
+
+    counts.clear()
+    toy_seeds.wrap_update(train_tdm, tracer)
+    toy_seeds.add_fake_updates(train_tdm, 1)
+    assert train_tdm.main(toy_run_args(tmp_path, "two_fake", "--validation_steps", "3")) == 0
+    assert counts == [{"fake": 6, "student": 3}] * 2

@@ -87,6 +87,12 @@ class Backbone:
     def encode_prompts(self, prompts: List[str]) -> dict:
         raise NotImplementedError
 
+    def held_out_data(self):
+        """Held-out samples of the data the teacher learnt, to score the student against during
+        training (tdm.validation): an object with `noise`, `cond` and `score(samples)`. None
+        here: these families distil from prompts alone (the 2-D toy has one)."""
+        return None
+
     def read_configs(self, denoiser_class, vae_class) -> dict:
         """The denoiser's and the VAE's configs, no weights: `denoiser_config` (channels, patch
         size) and `vae_scale_factor`. Returns the VAE config."""

@@ -101,6 +101,13 @@ class Toy2DBackbone(Backbone):
         labels = [index.get(p, null) for p in prompts]
         return {"class_labels": torch.tensor(labels, dtype=torch.long, device=self.device)}
 
+    def held_out_data(self):
+        """A held-out sample of the mixture and the noise to score the student from
+        (tdm.toy.evaluate.HeldOutSample: SWD, MMD², mode statistics)."""
+        from ..toy.evaluate import HeldOutSample
+
+        return HeldOutSample(self)
+
     def latent_shape(self, resolution: int, num_frames=None) -> tuple:
         return (2,)
 

@@ -17,14 +17,14 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..conditions import cat_conditions, expand_condition
 from ..images import image_grid
-from ..losses import classifier_free_guidance
 from ..metrics import sliced_wasserstein
 from ..step_condition import find_step_embeddings, set_num_steps
 from ..trajectory import StepGrid, rollout
+from ..validation import guided
 
-SEEDS = {"ground_truth": 1, "reference": 2, "noise": 3, "projections": 0, "handoff": 4}
+SEEDS = {"ground_truth": 1, "reference": 2, "noise": 3, "projections": 0, "handoff": 4,
+         "held_out_reference": 5, "held_out_noise": 6}   # the last two: quality during training
 SEED_STRIDE = 1000
 MMD_BANDWIDTH = 0.1        # the default mixture's mode std: sensitive to the modes' shape
 SAMPLER_TITLES = {
@@ -91,20 +91,6 @@ def student_and_teacher(backbone, student_net, timesteps: List[int], n: int, see
         samples["teacher"] = rollout(teacher, noise, cond, StepGrid.uniform(teacher_steps,
                                      backbone.path.num_timesteps), backbone.path).sample
     return samples
-
-
-def guided(teacher, uncond: dict, cfg: float):
-    """The teacher with classifier-free guidance on both x̂0 and ε̂ (docs/method.md §5), for DDIM."""
-    if cfg == 1.0:
-        return teacher
-
-    def denoise(x_t, t, cond):
-        both = cat_conditions(cond, expand_condition(uncond, x_t.shape[0]))
-        x0, eps = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
-        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
-        return (classifier_free_guidance(x0_c, x0_u, cfg), classifier_free_guidance(eps_c, eps_u, cfg))
-
-    return denoise
 
 
 def sample_all(backbone, student_net, timesteps: List[int], cfg: float, n: int,
@@ -295,6 +281,35 @@ def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
 def mode_table(samples: dict, mixture) -> dict:
     """{sampler: mode_statistics} for every sampler."""
     return {name: mode_statistics(x, mixture) for name, x in samples.items()}
+
+
+class HeldOutSample:
+    """The toy's quality during training (docs/method.md §10, tdm.validation): the student's
+    samples from fixed noise (and class labels drawn with the mixture's weights) against a
+    held-out ground-truth sample, by SWD (n points against `reference_factor`·n, `projections`
+    directions), unbiased MMD² (n against n, h = MMD_BANDWIDTH) and mode_statistics. Its seeds
+    (SEEDS["held_out_*"]) are not those of any evaluation, so the benchmark's numbers are not
+    the ones training was watched on."""
+
+    def __init__(self, backbone, n: int = 5000, reference_factor: int = 5, projections: int = 256):
+        self.mixture, self.n, self.projections = backbone.mixture, n, projections
+        self.reference = ground_truth(self.mixture, reference_factor * n, SEEDS["held_out_reference"])[0]
+        rng = torch.Generator().manual_seed(SEEDS["held_out_noise"])
+        component = self.mixture.sample(n, rng)[1]
+        self.noise = torch.randn((n, 2), generator=rng).to(backbone.device)
+        self.cond = component_condition(backbone, component)
+        self.reference_term = mmd2_reference_term(self.reference[:n], MMD_BANDWIDTH)
+
+    def score(self, samples: torch.Tensor) -> dict:
+        """{"swd", "mmd2", "off_mode", "weight_error", "width"} of n samples (width: the
+        weighted mean of mode_statistics)."""
+        samples = samples.detach().float().cpu()
+        modes = mode_statistics(samples, self.mixture)
+        return {"swd": sliced_wasserstein(samples, self.reference, self.projections, SEEDS["projections"]),
+                "mmd2": mmd2_unbiased(samples, self.reference[:self.n], MMD_BANDWIDTH,
+                                      y_term=self.reference_term),
+                "off_mode": modes["off_mode"], "weight_error": modes["weight_error"],
+                "width": modes["width_mean"]}
 
 
 # -- outputs --------------------------------------------------------------------------------------

@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""The toy recipe seed by seed on mixtures it was not tuned on (docs/benchmarks.md, "Toy: every
+seed on unseen mixtures"): one (mixture, seed) run pre-trains its own teacher (teacher seed =
+training seed), distils with configs/toy2d.yaml plus any train_tdm.py flags, traces the student
+every --trace_steps steps and scores it at the end against the teacher's DDIM 50 with the
+benchmark's protocol (tdm/toy/evaluate.py: 20,000 samples, SWD 256 projections against 100,000,
+MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
+
+    python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag base
+    python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag lr01 --generator_lr_ratio 0.1
+    python scripts/toy_seeds.py table base lr01
+    python scripts/toy_seeds.py curves assets/toy2d_seeds.png base:square5:3 base:square5:2   # needs matplotlib
+    python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
+
+The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
+fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
+update since the previous line — train_tdm's update and log_validation are wrapped for it, so
+the training itself is unchanged. --fake_updates N adds N − 1 fake-score updates, each on a
+fresh rollout, before every iteration (two time-scale updates, as DMD2's); it is not a flag of
+train_tdm.py. Runs go to outputs/toy_seeds/TAG/MIXTURE_sSEED, teachers to
+outputs/toy_seeds/teachers, one line per run to outputs/toy_seeds/log.jsonl.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+OUT = os.path.join(ROOT, "outputs", "toy_seeds")
+MIXTURES = {
+    # the issue's: 5 equal modes, a square's corners and its centre, std 0.12
+    "square5": {"means": [[-1.5, -1.5], [1.5, -1.5], [1.5, 1.5], [-1.5, 1.5], [0.0, 0.0]], "std": 0.12},
+    # 6 on a ring, alternately narrow/wide, unequal weights
+    "ring6": {"circle": {"modes": 6, "radius": 1.8}, "std": [0.08, 0.16, 0.08, 0.16, 0.08, 0.16],
+              "weights": [0.25, 0.1, 0.2, 0.15, 0.2, 0.1]},
+    # 3 × 3 grid, unequal weights (0.05 … 0.2)
+    "grid3": {"grid": {"rows": 3, "cols": 3, "spacing": 1.5}, "std": 0.1,
+              "weights": [0.05, 0.15, 0.1, 0.2, 0.05, 0.1, 0.1, 0.15, 0.1]},
+}
+N_EVAL, REF_FACTOR, PROJECTIONS, MMD_N, BANDWIDTH = 20000, 5, 256, 10000, 0.1
+
+
+def options(mixture: str, seed: int) -> dict:
+    """configs/toy2d.yaml's backbone options with another mixture and teacher seed."""
+    return {"mixture": MIXTURES[mixture], "network": {"hidden": 128, "depth": 3, "time_channels": 64},
+            "teacher": {"steps": 4000, "batch_size": 1024, "lr": 2.0e-3, "label_dropout": 0.1,
+                        "ema": 0.995, "seed": seed}}
+
+
+def evaluate(backbone, net, timesteps, repeat: int, samplers) -> dict:
+    """SWD, MMD² and mode statistics of `samplers` (sample_all's names) against a reference."""
+    from tdm.toy.evaluate import mmd2_table, mode_table, reference_samples, sample_all, swd_table
+
+    reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, repeat)
+    samples = sample_all(backbone, net, timesteps, 1.0, N_EVAL, students_only="student_4step" in samplers,
+                         repeat=repeat, teacher_steps=(50,))
+    samples = {name: samples[name] for name in samplers}
+    return {"swd": swd_table(samples, reference, PROJECTIONS),
+            "mmd": mmd2_table(samples, reference, MMD_N, BANDWIDTH),
+            "modes": mode_table(samples, backbone.mixture)}
+
+
+class Tracer:
+    """Stands in for train_tdm.log_validation: every --trace_steps a line of the student's
+    quality and of the gradient norms recorded since the previous line."""
+
+    def __init__(self, backbone, path: str, n: int = 4000):
+        from tdm.toy.evaluate import ground_truth, mmd2_reference_term
+
+        self.mixture, self.path, self.n = backbone.mixture, path, n
+        self.reference = ground_truth(backbone.mixture, 5 * n, 777)[0]
+        self.reference_term = mmd2_reference_term(self.reference[:n], BANDWIDTH)
+        self.noise = torch.randn((n, 2), generator=torch.Generator().manual_seed(778))
+        self.norms = {"fake": [], "student": []}
+
+    def __call__(self, accelerator, args, run, step, measures=None):
+        from tdm.metrics import sliced_wasserstein
+        from tdm.toy.evaluate import mmd2_unbiased, mode_statistics
+
+        cond = run.backbone.encode_prompts([""] * self.n)
+        with torch.no_grad():
+            x = run.tdm.rollout(run.networks.student_eval, self.noise, cond).sample
+        row = {"step": step, "swd": sliced_wasserstein(x, self.reference, 128, 0),
+               "mmd": mmd2_unbiased(x, self.reference[:self.n], BANDWIDTH, y_term=self.reference_term),
+               **mode_statistics(x, self.mixture)}
+        norms = {who: torch.tensor(values or [0.0]) for who, values in self.norms.items()}
+        for who, v in norms.items():
+            row[f"gn_{who}_mean"], row[f"gn_{who}_max"] = float(v.mean()), float(v.max())
+            self.norms[who] = []
+        clip = args.max_grad_norm or float("inf")   # only the student's update is clipped
+        row["gn_student_clipfrac"] = float((norms["student"] > clip).float().mean())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def wrap_update(train_tdm, tracer):
+    """Record each update's gradient norm before clipping: train_tdm.update marks whose update
+    it is (the student's has an lr scheduler), and its finiteness check receives the norm."""
+    update, all_finite = train_tdm.update, train_tdm.all_finite
+    current = {}
+
+    def traced_update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0, lr_scheduler=None):
+        current["who"] = "student" if lr_scheduler is not None else "fake"
+        return update(accelerator, networks, loss, optimizer, params, max_grad_norm, lr_scheduler)
+
+    def traced_all_finite(accelerator, values):
+        tracer.norms[current["who"]].append(float(values[-1]))   # values: (loss, norm) in fp32 runs
+        return all_finite(accelerator, values)
+
+    train_tdm.update, train_tdm.all_finite = traced_update, traced_all_finite
+    train_tdm.log_validation = tracer
+
+
+def add_fake_updates(train_tdm, extra: int):
+    """`extra` fake-score updates, each on a fresh rollout and draw, before every iteration."""
+    iteration = train_tdm.tdm_iteration
+
+    def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer, *rest):
+        for _ in range(extra):
+            with accelerator.accumulate(*networks.wrapped):
+                start = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
+                train_tdm.update(accelerator, networks, start.fake_score_loss(networks.fake_score),
+                                 fake_score_optimizer, networks.fake_score_params)
+        return iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer, *rest)
+
+    train_tdm.tdm_iteration = tdm_iteration
+
+
+def run(argv) -> None:
+    p = argparse.ArgumentParser(prog="toy_seeds.py run")
+    p.add_argument("--mixture", required=True, choices=sorted(MIXTURES))
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--tag", required=True)
+    p.add_argument("--trace_steps", type=int, default=100)
+    p.add_argument("--fake_updates", type=int, default=1)
+    job, flags = p.parse_known_args(argv)
+    torch.set_num_threads(1)
+    import train_tdm
+    from tdm.backbones import load_backbone
+    from tdm.config import parse_args
+    from tdm.toy.teacher import ensure_teacher
+
+    opts = options(job.mixture, job.seed)
+    teacher = os.path.join(OUT, "teachers", f"{job.mixture}_s{job.seed}")
+    start = time.time()
+    ensure_teacher(teacher, opts)
+    seconds = {"teacher": time.time() - start}
+    out = os.path.join(OUT, job.tag, f"{job.mixture}_s{job.seed}")
+    args = parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
+                       "--pretrained_model_name_or_path", teacher, "--backbone_options", json.dumps(opts),
+                       "--output_dir", out, "--seed", str(job.seed), "--overwrite_output_dir",
+                       "--validation_steps", str(job.trace_steps), *flags])
+    backbone = load_backbone(teacher, "toy2d", options=opts)
+    os.makedirs(out, exist_ok=True)
+    trace = os.path.join(out, "trace.jsonl")
+    if os.path.exists(trace):
+        os.remove(trace)
+    wrap_update(train_tdm, Tracer(backbone, trace))
+    if job.fake_updates > 1:
+        add_fake_updates(train_tdm, job.fake_updates - 1)
+    start = time.time()
+    train_tdm.main(args)
+    seconds["train"] = time.time() - start
+    start = time.time()
+    cached = os.path.join(teacher, f"eval_seed{job.seed}.json")
+    if not os.path.exists(cached):
+        with open(cached, "w") as f:
+            json.dump(evaluate(backbone, backbone.load_student(out), args.timesteps, job.seed,
+                               ("ground_truth", "teacher_ddim50")), f)
+    with open(cached) as f:
+        teacher_eval = json.load(f)
+    student = evaluate(backbone, backbone.load_student(out), args.timesteps, job.seed, ("student_4step",))
+    seconds["eval"] = time.time() - start
+    result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "flags": flags, "fake_updates": job.fake_updates,
+              "student_swd": student["swd"]["student_4step"], "student_mmd": student["mmd"]["student_4step"],
+              "teacher_swd": teacher_eval["swd"]["teacher_ddim50"],
+              "teacher_mmd": teacher_eval["mmd"]["teacher_ddim50"],
+              "floor_swd": teacher_eval["swd"]["ground_truth"], "floor_mmd": teacher_eval["mmd"]["ground_truth"],
+              "student_modes": student["modes"]["student_4step"],
+              "teacher_modes": teacher_eval["modes"]["teacher_ddim50"],
+              "seconds": seconds, "date": time.strftime("%Y-%m-%d %H:%M")}
+    result["r_swd"] = result["student_swd"] / result["teacher_swd"]
+    result["r_mmd"] = result["student_mmd"] / result["teacher_mmd"]
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(OUT, "log.jsonl"), "a") as f:
+        f.write(json.dumps({k: v for k, v in result.items() if "modes" not in k}) + "\n")
+    print(f"{job.tag} {job.mixture} s{job.seed}: SWD {result['student_swd']:.4f} / teacher {result['teacher_swd']:.4f} "
+          f"({result['r_swd']:.2f}×), MMD² {1e3 * result['student_mmd']:.2f} / "
+          f"{1e3 * result['teacher_mmd']:.2f} ×10⁻³ "
+          f"({result['r_mmd']:.2f}×), distillation {seconds['train']:.0f} s")
+
+
+def results(tags) -> dict:
+    """{(tag, mixture, seed): the last result logged} of `tags`."""
+    rows = {}
+    with open(os.path.join(OUT, "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["tag"] in tags:
+                rows[(r["tag"], r["mix"], r["seed"])] = r
+    return dict(sorted(rows.items(), key=lambda kv: (tags.index(kv[0][0]), kv[0][1], kv[0][2])))
+
+
+def within(r: dict) -> bool:
+    """The issue's target: the 4-step student within 10 % of its teacher's DDIM 50 by both."""
+    return r["r_swd"] <= 1.1 and r["r_mmd"] <= 1.1
+
+
+def table(tags) -> None:
+    """Markdown: one row per seed, then mean ± std (over seeds) per recipe and mixture."""
+    rows = results(tags)
+    print("| recipe | mixture | seed | SWD student / teacher DDIM 50 | ratio | MMD² ×10³ student / teacher "
+          "| ratio | within 10 % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (tag, mix, seed), r in rows.items():
+        print(f"| {tag} | {mix} | {seed} | {r['student_swd']:.4f} / {r['teacher_swd']:.4f} | {r['r_swd']:.2f} | "
+              f"{1e3 * r['student_mmd']:.2f} / {1e3 * r['teacher_mmd']:.2f} | {r['r_mmd']:.2f} | "
+              f"{'yes' if within(r) else '**no**'} |")
+    groups = {}
+    for key, r in rows.items():
+        groups.setdefault(key[:2], []).append(r)
+
+    def spread(values, digits):
+        mean = f"{statistics.mean(values):.{digits}f}"
+        return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+
+    print("\n| recipe | mixture | seeds | SWD student | SWD teacher | MMD² ×10³ student | MMD² ×10³ teacher "
+          "| seeds within 10 % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (tag, mix), rs in groups.items():
+        print(f"| {tag} | {mix} | {len(rs)} | {spread([r['student_swd'] for r in rs], 4)} | "
+              f"{spread([r['teacher_swd'] for r in rs], 4)} | {spread([1e3 * r['student_mmd'] for r in rs], 2)} | "
+              f"{spread([1e3 * r['teacher_mmd'] for r in rs], 2)} | {sum(map(within, rs))}/{len(rs)} |")
+
+
+def curves(path: str, runs) -> None:
+    """Training curves of TAG:MIXTURE:SEED runs (trace.jsonl and train_log.jsonl) into `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    ax = axes.ravel()
+    for i, spec in enumerate(runs):
+        tag, mix, seed = spec.split(":")
+        folder = os.path.join(OUT, tag, f"{mix}_s{seed}")
+        with open(os.path.join(folder, "trace.jsonl")) as f:
+            trace = [json.loads(line) for line in f]
+        with open(os.path.join(folder, "train_log.jsonl")) as f:
+            log = [r for r in map(json.loads, f) if "loss_student" in r]
+        with open(os.path.join(folder, "result.json")) as f:
+            res = json.load(f)
+        color = plt.cm.tab10(i % 10)
+        steps = [r["step"] for r in trace]
+        line = lambda a, key, **kw: a.plot(steps, [r[key] for r in trace], color=color, **kw)
+        ax[0].semilogy(steps, [r["mmd"] for r in trace], color=color,
+                       label=f"{tag} {mix} s{seed}: SWD {res['r_swd']:.2f}×, MMD² {res['r_mmd']:.1f}× teacher")
+        line(ax[1], "swd")
+        line(ax[2], "width_mean")
+        ax[2].axhline(res["teacher_modes"]["width_mean"], color=color, ls=":", lw=1)
+        line(ax[3], "off_mode")
+        ax[3].axhline(res["teacher_modes"]["off_mode"], color=color, ls=":", lw=1)
+        line(ax[4], "weight_error")
+        k = 200   # the per-step losses are noisy: 200-step means
+        mean = lambda key: np.convolve([r[key] for r in log], np.ones(k) / k, mode="valid")
+        ax[5].plot([r["step"] for r in log][k - 1:], mean("loss_student"), color=color)
+        ax[5].plot([r["step"] for r in log][k - 1:], mean("loss_fake_score"), color=color, ls="--")
+        line(ax[6], "gn_student_mean")
+        line(ax[6], "gn_fake_mean", ls="--")
+        line(ax[7], "gn_student_clipfrac")
+        if i == 0:
+            lr = ax[7].twinx()
+            lr.plot([r["step"] for r in log], [r["lr"] for r in log], color="k", lw=1)
+            lr.set_ylabel("student lr (black)", fontsize=8)
+    titles = ["student MMD² vs held-out data (4,000 draws, h = 0.1)", "student SWD vs held-out data (128 proj.)",
+              "mean mode width (1 = true; dotted: teacher DDIM 50)", "off-mode share (dotted: teacher DDIM 50)",
+              "mode-weight error ½Σ|ŵ − w|", "losses, 200-step means (solid student, dashed fake score)",
+              "grad norm before clipping (solid student, dashed fake)", "share of student updates clipped"]
+    for a, title in zip(ax, titles):
+        a.set_title(title, fontsize=9)
+        a.set_xlabel("step", fontsize=8)
+        a.tick_params(labelsize=7)
+    ax[5].set_yscale("log")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    print(path)
+
+
+def scatter(path: str, runs) -> None:
+    """Scatter panels (20,000 draws, one noise) of TAG:MIXTURE:SEED students, or of
+    teacher:MIXTURE:SEED (that seed's teacher, DDIM 50), 4 per row, into `path`."""
+    from tdm.backbones import load_backbone
+    from tdm.images import image_grid
+    from tdm.toy.evaluate import scatter_panel
+    from tdm.trajectory import StepGrid, rollout
+
+    panels = []
+    for spec in runs:
+        tag, mix, seed = spec.split(":")
+        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mix}_s{seed}"), "toy2d",
+                                 options=options(mix, int(seed)))
+        if tag == "teacher":
+            net, label = backbone.load_denoiser(), f"{mix} s{seed}: teacher DDIM 50"
+            grid = StepGrid.uniform(50, backbone.path.num_timesteps)
+        else:
+            with open(os.path.join(OUT, tag, f"{mix}_s{seed}", "result.json")) as f:
+                res = json.load(f)
+            net, grid = backbone.load_student(os.path.join(OUT, tag, f"{mix}_s{seed}")), StepGrid([449, 336, 224, 111])
+            label = f"{mix} s{seed} {tag}: SWD {res['r_swd']:.2f}x, MMD2 {res['r_mmd']:.1f}x"
+        noise = torch.randn((20000, 2), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            x = rollout(backbone.denoiser(net.eval()), noise, backbone.encode_prompts([""] * len(noise)),
+                        grid, backbone.path).sample
+        panels.append(scatter_panel(x.numpy(), label, extent=2.6))
+    image_grid(panels, rows=(len(panels) + 3) // 4).save(path)
+    print(path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter"):
+        print(__doc__)
+        return 2
+    if argv[0] == "run":
+        run(argv[1:])
+    elif argv[0] == "table":
+        table(argv[1:])
+    elif argv[0] == "curves":
+        curves(argv[1], argv[2:])
+    else:
+        scatter(argv[1], argv[2:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
