@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a TDM student against its teacher: CLIP score, HPSv2, ImageReward and FID on a prompt set.
 
-    python eval_tdm.py --weights tdm-pixart --prompts_file prompts.txt --teacher_steps 25 \
+    python eval_tdm.py --weights tdm-pixart --prompts_file assets/prompts.txt --teacher_steps 25 \
         --teacher_cfg 4.5 --clip_model openai/clip-vit-large-patch14 --output_dir eval-pixart
 
 The student samples K steps on its training grid with guidance 1 (as infer_tdm.py), the teacher
@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from infer_tdm import as_teacher, sample_student, sampling_timesteps, student_pipeline
-from tdm.checks import Number, Parser, UsageError, check_writable_folder, choice, did_you_mean
+from tdm.checks import (Number, Parser, UsageError, check_writable_folder, choice, did_you_mean,
+                        first_line, model_error)
 from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
 
@@ -99,7 +100,7 @@ def import_factory(spec: str):
     try:
         factory = getattr(importlib.import_module(module_name), attr or "")
     except (ImportError, AttributeError, ValueError) as error:
-        raise UsageError(f"--fid_feature_extractor {spec}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"--fid_feature_extractor {spec}: {first_line(error)}") from None
     return factory()
 
 
@@ -157,9 +158,8 @@ def check_reference_images(folder: str) -> None:
             with Image.open(path) as image:
                 image.load()
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UsageError(f"--reference_dir {folder}: cannot read {os.path.basename(path)} "
-                             f"({first_line})") from None
+                             f"({first_line(error)})") from None
 
 
 @contextlib.contextmanager
@@ -177,6 +177,82 @@ def quiet_loading():
         transformers_logging.enable_progress_bar()
 
 
+def metric_models(args, wanted, num_prompts: int, extractor, device) -> tuple:
+    """(status per metric, scorers of the per-image metrics, FID metric per model), before any
+    sampling. A CLIP that does not load is bad input; an optional metric that cannot run is
+    skipped, its reason printed now; when no requested metric can run, that is bad input too
+    (nothing would be measured). An FID from too few images to mean much is run with a warning."""
+    from tdm.evaluation import (STANDARD_FID, Unavailable, clip_scores, fid_feature_count,
+                                fid_metric, fid_sample_warning, load_clip, load_hpsv2,
+                                load_image_reward, reference_paths)
+
+    status, scorers, fid = {}, {}, {}
+    if "clip" in wanted:
+        try:
+            clip = load_clip(args.clip_model, device)
+        except (OSError, ValueError) as error:
+            raise model_error("--clip_model", args.clip_model, error) from None
+        scorers["clip_score"] = lambda images, texts: clip_scores(*clip, images, texts)
+        status["clip_score"] = {"status": "ok", "model": args.clip_model}
+    loaders = {"hpsv2": (args.hps_version, lambda: load_hpsv2(args.hps_version, args.hps_checkpoint,
+                                                                device)),
+               "image_reward": (args.image_reward_model,
+                                lambda: load_image_reward(args.image_reward_model, device))}
+    for key, (model, loader) in loaders.items():
+        if key in wanted:
+            try:
+                scorers[key] = loader()
+                status[key] = {"status": "ok", "model": model}
+            except Unavailable as error:
+                status[key] = {"status": "skipped", "reason": str(error)}
+    if "fid" in wanted and num_prompts < 2:
+        status["fid"] = {"status": "skipped", "reason": "FID needs at least 2 prompts"}
+    elif "fid" in wanted:
+        try:
+            models = ["student"] + (["teacher"] if args.reference_dir and args.teacher_steps else [])
+            fid = {name: fid_metric(extractor, device) for name in models}
+            status["fid"] = {"status": "ok", "reference": args.reference_dir or "teacher",
+                             "features": f"{args.fid_feature_extractor}: not InceptionV3, not "
+                             "comparable to published FIDs" if extractor is not None else STANDARD_FID}
+            count = num_prompts if args.reference_dir is None else min(
+                num_prompts, len(reference_paths(args.reference_dir)))
+            warning = fid_sample_warning(count, fid_feature_count(fid["student"]))
+            if warning:
+                status["fid"]["warning"] = warning
+                print(f"warning: {warning}", file=sys.stderr)
+        except Unavailable as error:
+            status["fid"] = {"status": "skipped", "reason": str(error)}
+    for key, value in status.items():
+        if value["status"] != "ok":
+            print(f"{key}: skipped ({value['reason']})", file=sys.stderr)
+    if not any(value["status"] == "ok" for value in status.values()):
+        raise UsageError(f"--metrics {args.metrics}: none can run here ("
+                         + "; ".join(f"{k}: {v['reason']}" for k, v in status.items()) + ")"
+                         if status else "--metrics: nothing to measure (--clip_model none)")
+    for key in ("clip_score", "hpsv2", "image_reward", "fid"):   # the rest, as not requested
+        status.setdefault(key, {"status": "skipped", "reason": "not requested"})
+    return status, scorers, fid
+
+
+def score_batch(scorers: dict, status: dict, per_image: dict, name: str, images, prompts) -> None:
+    """Add a batch's per-image scores of every metric. An optional metric (HPSv2, ImageReward)
+    whose package fails while scoring is skipped from then on, with the reason, on screen too."""
+    from tqdm.auto import tqdm
+
+    for key, score in list(scorers.items()):
+        try:
+            per_image[name][key] += score(images, prompts)
+        except Exception as error:
+            if key == "clip_score":
+                raise
+            del scorers[key]
+            for scores in per_image.values():
+                scores.pop(key, None)
+            reason = f"failed while scoring: {type(error).__name__}: {first_line(error)}"
+            status[key] = {"status": "skipped", "reason": reason}
+            tqdm.write(f"{key}: skipped ({reason})", file=sys.stderr)
+
+
 def export_folder(weights_arg: str) -> Optional[str]:
     """The train_tdm.py output folder holding the student (config.yaml beside or above it)."""
     folder = weights_arg if os.path.isdir(weights_arg) else os.path.dirname(os.path.abspath(weights_arg))
@@ -190,9 +266,8 @@ def run(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from tdm.backbones import backbone_class
-    from tdm.evaluation import (Unavailable, clip_scores, fid_compute, fid_metric, fid_update,
-                                load_clip, load_hpsv2, load_image_reward, markdown_table,
-                                reference_batches)
+    from tdm.evaluation import (fid_compute, fid_update, markdown_table, mean_and_error,
+                                reference_batches, report_notes)
     from tdm.images import image_grid
     from tdm.sampling import training_config
 
@@ -205,52 +280,14 @@ def run(argv=None) -> int:
     try:
         cls = backbone_class(config.get("backbone", "auto"), model_path)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--pretrained_model_name_or_path {model_path}: "
-                         f"{str(error).strip().splitlines()[0]}") from None
+        raise model_error("--pretrained_model_name_or_path", model_path, error) from None
     if cls.is_video or not cls.pipeline_class_names:
         raise UsageError(f"eval_tdm.py scores text-to-image pipelines; {cls.name} is not one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    # Metric models: a CLIP that does not load is bad input; the optional ones are skipped.
-    status, scorers = {}, {}
-    if "clip" in wanted:
-        try:
-            clip = load_clip(args.clip_model, device)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"--clip_model {args.clip_model}: "
-                             f"{str(error).strip().splitlines()[0]}") from None
-        scorers["clip_score"] = lambda images, texts: clip_scores(*clip, images, texts)
-        status["clip_score"] = {"status": "ok", "model": args.clip_model}
-    else:
-        status["clip_score"] = {"status": "skipped", "reason": "not requested"}
-    for key, name, loader in (("hpsv2", "hpsv2",
-                               lambda: load_hpsv2(args.hps_version, args.hps_checkpoint, device)),
-                              ("image_reward", "image_reward",
-                               lambda: load_image_reward(args.image_reward_model, device))):
-        if name not in wanted:
-            status[key] = {"status": "skipped", "reason": "not requested"}
-            continue
-        try:
-            scorers[key] = loader()
-            status[key] = {"status": "ok", "model": args.hps_version if key == "hpsv2"
-                           else args.image_reward_model}
-        except Unavailable as error:
-            status[key] = {"status": "skipped", "reason": str(error)}
-    fid = {}
+    status, scorers, fid = metric_models(args, wanted, len(prompts), extractor, device)
     fid_reference = args.reference_dir or "teacher"
-    if "fid" not in wanted:
-        status["fid"] = {"status": "skipped", "reason": "not requested"}
-    elif len(prompts) < 2:
-        status["fid"] = {"status": "skipped", "reason": "FID needs at least 2 prompts"}
-    else:
-        try:
-            models = ["student"] + (["teacher"] if args.reference_dir and args.teacher_steps else [])
-            fid = {name: fid_metric(extractor, device) for name in models}
-            status["fid"] = {"status": "ok", "reference": fid_reference,
-                             "features": args.fid_feature_extractor or "inception-v3-compat (2048)"}
-        except Unavailable as error:
-            status["fid"] = {"status": "skipped", "reason": str(error)}
 
     timesteps = sampling_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
@@ -292,8 +329,7 @@ def run(argv=None) -> int:
                                    guidance_scale=args.teacher_cfg, height=height, width=width,
                                    generator=generators, **backbone.pipeline_kwargs()).images
                 size = images[0].size
-                for key, score in scorers.items():
-                    per_image[name][key] += score(images, batch)
+                score_batch(scorers, status, per_image, name, images, batch)
                 if name in fid:
                     fid_update(fid[name], images, real=False)
                 elif name == "teacher" and "student" in fid and args.reference_dir is None:
@@ -316,8 +352,7 @@ def run(argv=None) -> int:
     for name, steps in runs:
         row = {"model": labels[name], "steps": steps}
         for key in ("clip_score", "hpsv2", "image_reward"):
-            values = per_image[name].get(key)
-            row[key] = float(sum(values) / len(values)) if values else None
+            row[key], row[f"{key}_sem"] = mean_and_error(per_image[name].get(key))
         row["fid"] = fid_compute(fid[name]) if name in fid else None
         rows.append(row)
 
@@ -339,14 +374,11 @@ def run(argv=None) -> int:
     }
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    table = markdown_table(rows, fid_reference)
-    skipped = [f"- {key}: skipped ({value['reason']})" for key, value in status.items()
-               if value["status"] != "ok"]
+    report = (f"{len(prompts)} prompts from {args.prompts_file or 'the command line'}, one image "
+              f"each (prompt i from seed {args.seed} + i), {size[0]}×{size[1]} px\n\n"
+              f"{markdown_table(rows, fid_reference)}\n" + "\n".join(report_notes(result)) + "\n")
     with open(os.path.join(output_dir, "metrics.md"), "w") as f:
-        f.write(f"{len(prompts)} prompts from {args.prompts_file or 'the command line'}, seed "
-                f"{args.seed}, {size[0]}×{size[1]} px, CLIP: {args.clip_model}\n\n{table}")
-        if skipped:
-            f.write("\n" + "\n".join(skipped) + "\n")
+        f.write(report)
         shown = prompts[:args.grid_prompts]
         f.write("\nsamples.png, left to right: "
                 + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(shown)) + "\n")
@@ -357,9 +389,8 @@ def run(argv=None) -> int:
     if student_folder is not None:
         from tdm.model_card import write_model_card
 
-        backbone.resolution = backbone.resolution or config.get("resolution")
         write_model_card(student_folder, backbone, config, metrics=result)
-    print(table, end="")
+    print(report, end="")
     print(f"wrote {output_dir}/metrics.json, metrics.md, samples.png"
           + (f"; updated {student_folder}/README.md" if student_folder else ""))
     return 0

@@ -17,11 +17,13 @@ from typing import List, Optional
 
 import torch
 
-from tdm.checks import Number, Parser, UsageError, check_output_file, choice, image_extensions
+from tdm.checks import (Number, Parser, UsageError, check_output_file, choice, image_extensions,
+                        first_line, model_error, offline_hint)
 from tdm.config import DEFAULT_MODEL, SEED, int_list
 from tdm.data import load_prompts
 
 VIDEO_EXTENSIONS = (".mp4", ".gif")
+TOY_TEACHER_STEPS = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="Training output dir, a LoRA .safetensors, or a full transformer folder.")
     p.add_argument("--lora_scale", type=Number(float), default=1.0)
-    p.add_argument("--prompt", action="append", default=None, help="Repeatable.")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="Repeatable (toy2d: class labels of a conditional mixture; none: the whole "
+                   "mixture).")
     p.add_argument("--prompts_file", default=None, help="A .txt with one prompt a line.")
     p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
@@ -54,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG, a grid for several prompts; video backbones: .mp4 (or .gif), one "
                    "file per prompt and sampler when there are several.")
     p.add_argument("--teacher_steps", type=Number(int, low=1), default=None,
-                   help="Also render the teacher with this many steps, in the same grid.")
-    p.add_argument("--teacher_guidance", type=Number(float, low=0), default=4.5)
+                   help="Also render the teacher with this many steps, in the same grid (toy2d: "
+                   f"DDIM, default {TOY_TEACHER_STEPS} as in the demo's figure).")
+    p.add_argument("--teacher_guidance", type=Number(float, low=0), default=None,
+                   help="Default: the --cfg the student was trained with (config.yaml), else 4.5.")
+    p.add_argument("--num_samples", type=Number(int, low=1), default=20000,
+                   help="toy2d: points per scatter panel.")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", **choice("fp32", "fp16", "bf16"), default=None,
                    help="Default: fp16 on CUDA, fp32 on CPU.")
@@ -85,7 +93,7 @@ def student_pipeline(model_path: str, weights, lora_scale: float, dtype, device,
         if skeleton is not None:
             check_lora_file(weights[1], skeleton, backbone.lora_prefix)
     except (OSError, ValueError) as error:
-        raise UsageError(str(error).strip().splitlines()[0]) from None
+        raise UsageError(offline_hint(error) or first_line(error)) from None
     pipe = backbone.load_pipeline(dtype, weights, lora_scale).to(device)
     pipe.set_progress_bar_config(disable=True)
     if weights:
@@ -157,23 +165,23 @@ def main(argv=None) -> int:
         return 2
 
 
-def check_output(path: str, model_path: str, config: dict) -> None:
+def check_output(path: str, model_path: str, config: dict):
     """--output: a folder it can be written to and a file type for what this model makes, before
-    any model loads (sampling first would lose the samples)."""
+    any model loads (sampling first would lose the samples). Returns the model's adapter class."""
     images = "an image type (.png, .jpg, .webp, … any that Pillow writes)"
     check_output_file("--output", path, image_extensions() + VIDEO_EXTENSIONS,
                       f"{images} or a video (.mp4, .gif)")
     from tdm.backbones import backbone_class
 
     try:
-        is_video = backbone_class(config.get("backbone", "auto"), model_path).is_video
+        family = backbone_class(config.get("backbone", "auto"), model_path)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--pretrained_model_name_or_path {model_path}: "
-                         f"{str(error).strip().splitlines()[0]}") from None
-    if is_video:
+        raise model_error("--pretrained_model_name_or_path", model_path, error) from None
+    if family.is_video:
         check_output_file("--output", path, VIDEO_EXTENSIONS, "a video (.mp4, .gif) for this video model")
     else:
         check_output_file("--output", path, image_extensions(), f"{images} for this image model")
+    return family
 
 
 def sampling_timesteps(num_steps: int, config: dict, timesteps: Optional[List[int]]) -> List[int]:
@@ -193,8 +201,6 @@ def run(argv=None) -> int:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += load_prompts(args.prompts_file, flag="--prompts_file")
-    if not prompts:
-        raise UsageError("give --prompt (repeatable) or --prompts_file")
     try:
         weights = resolve_weights(args.weights)
     except (ValueError, FileNotFoundError) as error:
@@ -202,7 +208,12 @@ def run(argv=None) -> int:
     config = training_config(args.weights)
     model_path = args.pretrained_model_name_or_path or config.get("pretrained_model_name_or_path",
                                                                   DEFAULT_MODEL)
-    check_output(args.output, model_path, config)
+    family = check_output(args.output, model_path, config)
+    if not family.pipeline_class_names:   # the 2-D toy: no diffusers pipeline, scatter plots
+        return sample_toy(args, prompts, weights, config, model_path)
+    if not prompts:
+        raise UsageError("give --prompt (repeatable) or --prompts_file")
+    teacher_guidance = teacher_cfg(args, config)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
@@ -229,9 +240,9 @@ def run(argv=None) -> int:
     if args.teacher_steps:
         with as_teacher(pipe, backbone, weights, teacher_scheduler, dtype) as teacher:
             results.append(teacher(prompt=prompts, num_inference_steps=args.teacher_steps,
-                                   guidance_scale=args.teacher_guidance, height=height, width=width,
+                                   guidance_scale=teacher_guidance, height=height, width=width,
                                    generator=seed(), **backbone.pipeline_kwargs(num_frames)))
-        labels.append(f"teacher {args.teacher_steps} steps, cfg {args.teacher_guidance:g}")
+        labels.append(f"teacher {args.teacher_steps} steps, cfg {teacher_guidance:g}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if backbone.is_video:
         written = save_videos([r.frames for r in results], ["tdm", "teacher"], args.output, args.fps)
@@ -241,6 +252,47 @@ def run(argv=None) -> int:
     grid = image_grid(images, rows=len(labels), row_labels=labels if len(labels) > 1 else None)
     grid.save(args.output)
     print(f"wrote {args.output} ({len(prompts)} prompt(s), student timesteps {timesteps})")
+    return 0
+
+
+def teacher_cfg(args, config: dict) -> float:
+    """--teacher_guidance, else the --cfg the student was trained against, else 4.5."""
+    if args.teacher_guidance is not None:
+        return args.teacher_guidance
+    return float(config.get("cfg", 4.5))
+
+
+def sample_toy(args, prompts: List[str], weights, config: dict, model_path: str) -> int:
+    """The 2-D toy: --num_samples points of the student on its grid beside the teacher's DDIM
+    (--teacher_steps, default TOY_TEACHER_STEPS) from the same noise, as density scatter panels
+    like the demo's figure, and the points beside it (.npz: student, teacher)."""
+    import numpy as np
+
+    from tdm.backbones import load_backbone
+    from tdm.images import image_grid
+    from tdm.toy.evaluate import scatter_panel, student_and_teacher
+
+    timesteps = sampling_timesteps(args.num_inference_steps, config, args.timesteps)
+    try:
+        backbone = load_backbone(model_path, "toy2d", options=config.get("backbone_options"))
+    except (OSError, ValueError) as error:
+        raise model_error("--pretrained_model_name_or_path", model_path, error) from None
+    net = backbone.load_weights(*weights) if weights else backbone.load_denoiser()
+    if weights:
+        condition_on_steps(net, weights[1], len(timesteps))
+    teacher_steps, cfg = args.teacher_steps or TOY_TEACHER_STEPS, teacher_cfg(args, config)
+    samples = student_and_teacher(backbone, net, timesteps, args.num_samples, args.seed, prompts,
+                                  teacher_steps, cfg)
+    name = "TDM student" if weights else "teacher on the student's grid"
+    titles = {"student": f"{name} {len(timesteps)} steps\ngrid {', '.join(map(str, timesteps))}",
+              "teacher": f"teacher DDIM {teacher_steps}\ncfg {cfg:g}"}
+    panels = [scatter_panel(points.numpy(), titles[key]) for key, points in samples.items()]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    image_grid(panels, rows=1).save(args.output)
+    points = os.path.splitext(args.output)[0] + ".npz"
+    np.savez(points, **{key: x.numpy() for key, x in samples.items()})
+    print(f"wrote {args.output} and the points, {points} (toy2d, {args.num_samples} points a "
+          f"panel: student timesteps {timesteps}, teacher DDIM {teacher_steps} with cfg {cfg:g})")
     return 0
 
 

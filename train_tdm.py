@@ -2,7 +2,7 @@
 """Trajectory Distribution Matching (TDM): distil a diffusion model into a K-step student.
 
     accelerate launch train_tdm.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
-        --prompts prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
+        --prompts assets/prompts.txt --cfg 4.5 --total_steps 900 --use_huber --use_separate
 
 Per iteration (docs/method.md §2–5): roll the student θ out on its step grid from pure noise;
 update the fake score ψ on points of that trajectory; then update the student with the
@@ -24,12 +24,25 @@ from types import SimpleNamespace
 
 import torch
 
+from tdm.checks import model_error
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
                         check_output_dir, parse_args, save_resolved_config)
 from tdm.data import load_prompts
 from tdm.run_folder import clear_previous_run, plan_start
 
 logger = logging.getLogger("tdm")
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: on lines of their own above the progress bar, not glued to it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +284,8 @@ def build(args):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     # warnings only until the run starts (main): a refused start prints its one line alone
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
+                        handlers=[TqdmLogHandler()])
     check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
     sharded = accelerator.distributed_type.value == "FSDP"
     resume_from, start_step = plan_start(args.output_dir, args.resume_from_checkpoint,
@@ -299,9 +313,8 @@ def build(args):
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                                  args.variant, args.backbone_options, args.resolution)
     except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
-        first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
-                         f"{first_line}") from None
+        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                          error) from None
     try:
         backbone.check_fit(args)
         guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
@@ -483,6 +496,7 @@ def main(args) -> int:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
                     log_validation(accelerator, args, run, global_step)
             if stop.requested(accelerator):
+                progress.close()
                 path = save_checkpoint(accelerator, args, global_step)
                 logger.info("%s received: saved %s at step %d; continue with "
                             "--resume_from_checkpoint latest", stop.received or "stop signal",
@@ -491,6 +505,7 @@ def main(args) -> int:
                 return 0
             if global_step >= args.max_train_steps:
                 break
+    progress.close()   # what follows is printed on lines of its own
 
     accelerator.wait_for_everyone()
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0

@@ -2,7 +2,7 @@
 """Precompute the text embeddings of a whole prompt set for `train_tdm.py --cache_text_embeddings`.
 
     python scripts/cache_text_embeddings.py --pretrained_model_name_or_path PixArt-alpha/PixArt-XL-2-512x512 \
-        --prompts prompts.txt --text_embeddings_dir embeddings/pixart --dtype fp16
+        --prompts assets/prompts.txt --text_embeddings_dir embeddings/pixart --dtype fp16
 
 Then train with --cache_text_embeddings --text_embeddings_dir embeddings/pixart: the text encoder
 is not needed on the accelerator at all.

@@ -5,7 +5,7 @@ the measurement behind the tolerances of tests/test_equivalence.py.
     python scripts/equivalence_spread.py [--families pixart,sd15] [--precisions fp64,fp32,bf16]
 
 For every case (family × lora/full × plain/checkpointing) it runs the script's own iteration and
-the plain reference of tests/reference.py on the same weights and random stream, and prints the
+the plain reference of tests/reference.py on the same weights and random values, and prints the
 worst relative error of each part (losses; gradients element by element, of each tensor's
 scale; optimiser steps and, for bf16, gradients as a whole, relative L2). fp64: the networks and
 inputs in float64; fp32: as trained without mixed precision; bf16: autocast.
@@ -51,8 +51,8 @@ def measure(model: str, out: str, family: str, mode: str, checkpointing: bool, p
     if checkpointing:
         flags.append("--gradient_checkpointing")
     production = Production(train_args(model, out, flags, family, prompts), float64=float64)
-    expected = reference(production, [[prompts[:2]]], autocast)
     actual = production.iterate([prompts[:2]])
+    expected = reference(production, [[prompts[:2]]], autocast)
     errors = record_errors(actual, expected)
     for part in ("fake_score", "student"):   # as a whole: the low-precision test's measure
         errors[f"{part}_grads_l2"] = relative_error(getattr(actual, f"{part}_grads"),

@@ -24,7 +24,7 @@ MAX_CHARS = 120   # a longer first sentence is cut to its leading clause
 DESCRIPTIONS = {
     "scripts/bench_gpu.sh": "GPU benchmark of PixArt-α 512 (real architecture, random weights): training iteration and sampling speed",
     "scripts/demo.sh": "The default job: install into .venv, TDM on a 2-D Gaussian mixture on CPU (`--ablations`, `--unify`)",
-    "scripts/setup_env.sh": "Sourced by demo.sh and test.sh: create .venv and install requirements.lock (exact pins) once",
+    "scripts/setup_env.sh": "Sourced by demo.sh and test.sh: create .venv, install requirements.lock (exact pins) once and this project editable",
     "scripts/test.sh": "Install into .venv (CPU torch, the lock) and run the test suite (`--fast`: the inner loop)",
     "scripts/lock.sh": "Regenerate requirements.lock: resolve the requirement ranges afresh and freeze every package",
     "scripts/check_latest.sh": "Drift check: the suite on the newest versions the requirement ranges allow, and what moved",

@@ -28,4 +28,5 @@ if [ ! -f "$stamp" ]; then
   python -m pip check >/dev/null || { python -m pip check; echo "requirements.lock is inconsistent" >&2; return 1 2>/dev/null || exit 1; }
   echo "$want" > "$stamp"
 fi
+python -m pip show -q tdm >/dev/null 2>&1 || python -m pip install -q --no-deps -e .   # `import tdm` anywhere
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

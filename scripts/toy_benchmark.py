@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tdm.checks import Parser  # noqa: E402
 from tdm.config import RunConfig, UsageError  # noqa: E402
 from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, handoff_samples, markdown_table,  # noqa: E402
                               mmd2_table, mode_table, reference_samples, sample_all,
@@ -59,7 +60,7 @@ from tdm.toy.evaluate import (MMD_BANDWIDTH, SEEDS, handoff_samples, markdown_ta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "toy2d.yaml"))
     p.add_argument("--samples", type=int, default=20000, help="Samples per sampler (≥ 20000).")
     p.add_argument("--reference_factor", type=int, default=5,
@@ -116,11 +117,18 @@ def evaluate(backbone, args: RunConfig, job, repeat: int = 0):
     """(samples, {"swd": .., "mmd": ..}) of every sampler on evaluation seeds `repeat`: the
     student in args.output_dir, the teacher's DDIM (50 and 200 steps; 50 only for repeat ≥ 1)
     and the ground truth (the metrics' floor), against that repeat's fresh reference."""
-    reference = reference_samples(backbone.mixture, job.samples * job.reference_factor, repeat)
-    samples = sample_all(backbone, backbone.load_student(args.output_dir), args.timesteps, args.cfg,
-                         job.samples, repeat=repeat, teacher_steps=(50, 200) if repeat == 0 else (50,))
-    scores = {"swd": swd_table(samples, reference, job.projections),
-              "mmd": mmd2_table(samples, reference, job.mmd_samples, job.mmd_bandwidth)}
+    from tqdm.auto import tqdm
+
+    # parts: the sampling, then per sampler its SWD and MMD², and the reference's own MMD² term
+    with tqdm(total=1, desc=f"evaluation (seed {repeat})", unit="part") as bar:
+        reference = reference_samples(backbone.mixture, job.samples * job.reference_factor, repeat)
+        samples = sample_all(backbone, backbone.load_student(args.output_dir), args.timesteps,
+                             args.cfg, job.samples, repeat=repeat,
+                             teacher_steps=(50, 200) if repeat == 0 else (50,))
+        bar.total = 1 + 2 * len(samples) + 1
+        bar.update(1)
+        scores = {"swd": swd_table(samples, reference, job.projections, bar),
+                  "mmd": mmd2_table(samples, reference, job.mmd_samples, job.mmd_bandwidth, bar)}
     return samples, reference, scores
 
 

@@ -9,10 +9,12 @@ converts a YAML value through the same object, and `check` validates a value set
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import math
 import os
 import re
+import sys
 import tempfile
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -26,19 +28,93 @@ def did_you_mean(value, names: Iterable) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type where the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def model_error(flag: str, name: str, error: BaseException) -> UsageError:
+    """A model (hub id or folder) that cannot be loaded, as one line: the error's first line, or
+    where the hub could not be reached and the model is not in the local cache, that and the fix."""
+    return UsageError(f"{flag} {name}: {offline_hint(error) or first_line(error)}")
+
+
+def offline_hint(error: BaseException) -> str:
+    """Why and what to do when `error` (or an error it was raised from) says that a file was
+    neither reachable on the hub nor in the local cache: offline mode, or no network; "" for
+    any other error."""
+    markers = ("LocalEntryNotFoundError", "OfflineModeIsEnabled")   # datasets names it in its message
+    found, seen = False, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found = found or type(error).__name__ in markers or any(m in str(error) for m in markers)
+        error = error.__cause__ or error.__context__
+    if not found:
+        return ""
+    fix = "give a local folder, or download it once with network access"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return (f"not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (offline mode): "
+                f"{fix} (HF_HUB_OFFLINE=0)")
+    return f"not in the local Hugging Face cache, and the hub cannot be reached (no network?): {fix}"
+
+
 def flag_error(name: str, error) -> str:
     """"--x must be …" for a range, "--x: unknown …" for anything else."""
     return f"{name} {error}" if str(error).startswith("must ") else f"{name}: {error}"
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help lists each flag's default value where it has one (not None, not off), also for
+    flags without a help text."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)   # argparse prints no help line for an empty help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if "%(default)" in (action.help or "") or not self._shows_default(action):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors raise UsageError (one line, exit 2 in the scripts) instead of
-    printing the usage; an unknown flag is answered with the nearest one."""
+    printing the usage; an unknown flag is answered with the nearest one, a flag with aliases is
+    named as it was typed, and --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._typed: Sequence[str] = ()
 
     def error(self, message):
-        # "argument --x: must be …" → "--x must be …"; argparse's own messages keep a colon
+        # "argument --a/--b: must be …" → "--b must be …" (--b as typed); argparse's own messages
+        # keep a colon
+        match = re.match(r"^argument (\S+): ", message)
+        if match:
+            message = f"argument {self.typed_name(match[1])}: {message[match.end():]}"
         message = re.sub(r"^argument (\S+): must ", r"\1 must ", message)
         raise UsageError(re.sub(r"^argument ", "", message))
+
+    def typed_name(self, names: str) -> str:
+        """Of a flag's aliases ("--a/--b"), the one on the command line (else the first)."""
+        aliases = names.split("/")
+        for arg in self._typed:
+            for alias in aliases:
+                if arg == alias or arg.startswith(alias + "="):
+                    return alias
+        return aliases[0]
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._typed = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adapter-specific options as a YAML/JSON mapping (e.g. the toy mixture).")
     g.add_argument("--train_mode", **choice("lora", "full"), default="lora",
                    help="lora: student and fake score are LoRAs on the frozen teacher; full: "
-                   "full copies initialised from the teacher (the demo).")
+                   "full copies initialised from the teacher (the authors' PixArt-α demo "
+                   "command).")
     g.add_argument("--lora_rank", type=Number(int, low=1), default=64,
                    help="LoRA rank of student and fake score.")
     g.add_argument("--lora_alpha", type=Number(float, above=0), default=None,
@@ -159,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_accumulation_steps", type=Number(int, low=1), default=1,
                    help="Iterations per optimiser step (both networks).")
     g.add_argument("--max_train_steps", type=Number(int, low=1), default=500,
-                   help="Optimiser steps (the paper: 500 for PixArt-α; the demo: 10001).")
+                   help="Optimiser steps (the paper: 500 for PixArt-α; the authors' PixArt-α demo "
+                   "command: 10001).")
     g.add_argument("--learning_rate", type=Number(float, above=0), default=2e-5,
                    help="Fake-score lr; the student's is learning_rate × --generator_lr_ratio.")
     g.add_argument("--generator_lr_ratio", type=Number(float, above=0), default=0.2,
-                   help="Generator lr = learning_rate × this (demo: 1/5).")
+                   help="Generator lr = learning_rate × this (the authors' demo command: 1/5).")
     g.add_argument("--lr_scheduler", type=Choice(lr_scheduler_names), default="constant",
                    help="diffusers get_scheduler name; applies to the student only.")
     g.add_argument("--lr_warmup_steps", type=Number(int, low=0), default=0,

@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import List, Optional
 
-from .checks import UsageError
+from .checks import UsageError, first_line, offline_hint
 
 CAPTION_COLUMNS = ("prompt", "caption", "text")
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -80,9 +80,8 @@ def _read_table(source: str, flag: str):
         return _load_dataset(source)
     except Exception as error:   # whatever datasets or its readers raise for this source
         cause = _root_cause(error)
-        first_line = (str(cause).strip().splitlines() or [""])[0]
-        raise UsageError(f"{flag} {source}: cannot read it ({type(cause).__name__}: "
-                         f"{first_line})") from None
+        reason = offline_hint(error) or f"cannot read it ({type(cause).__name__}: {first_line(cause)})"
+        raise UsageError(f"{flag} {source}: {reason}") from None
 
 
 def load_prompts(source: str, caption_column: Optional[str] = None, flag: str = "--prompts") -> List[str]:

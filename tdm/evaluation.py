@@ -15,11 +15,37 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import first_line
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class Unavailable(RuntimeError):
-    """A metric that cannot run here: its package or weights are missing (message: the fix)."""
+    """A metric that cannot run here: its package or weights are missing or broken (message: why,
+    and the fix)."""
+
+
+def import_optional(module: str, package: str):
+    """The module of an optional package, or Unavailable with the real reason: not installed (the
+    pip command), or installed but failing at import (the error: a missing dependency, a file its
+    release lacks, an API its dependencies no longer have)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise Unavailable(f"{package} is not installed; pip install {package}")
+    try:
+        return importlib.import_module(module)
+    except Exception as error:   # ImportError of a dependency, FileNotFoundError of a data file, …
+        raise broken(package, error) from None
+
+
+def broken(package: str, error: BaseException) -> Unavailable:
+    """An installed package that fails at import, named as such."""
+    missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    cause = f"its dependency {missing} is not installed" if missing else "it fails at import"
+    return Unavailable(f"{package} is installed but {cause} ({type(error).__name__}: "
+                       f"{first_line(error)})")
 
 
 def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -27,12 +53,6 @@ def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
     torch-fidelity's InceptionV3) expects."""
     arrays = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type where the message is empty)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- CLIP score ---------------------------------------------------------------------------------
@@ -63,21 +83,52 @@ def clip_scores(model, processor, images: Sequence[Image.Image], prompts: Sequen
 
 
 # -- FID ----------------------------------------------------------------------------------------
+STANDARD_FID = ("InceptionV3 pool3 (2048-d, torch-fidelity's FID weights), images resized to "
+                "299×299 by the original FID's bilinear resize (TensorFlow 1.x-compatible)")
+FID_IMAGES_PER_FEATURE = 5   # below 5 images per feature dimension FID is biased far upwards
+
+
 def fid_metric(feature_extractor: Optional[torch.nn.Module] = None, device="cpu"):
-    """torchmetrics' FrechetInceptionDistance. Default: the standard 2048-d pool3 features of
-    torch-fidelity's FID InceptionV3 (images resized to 299 inside); `feature_extractor` is any
-    module mapping uint8 images [N, 3, H, W] to features [N, D] in its place."""
+    """torchmetrics' FrechetInceptionDistance. Default: the standard FID (STANDARD_FID):
+    torch-fidelity's InceptionV3 with the original TensorFlow-compatible resize to 299 px, not
+    torchmetrics' default antialiased one (whose own docs say it differs from the original);
+    `feature_extractor` is any module mapping uint8 images [N, 3, H, W] to features [N, D]
+    in its place."""
+    import inspect
+
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError as error:
-        raise Unavailable(f"FID needs torchmetrics ({error}); pip install torchmetrics") from None
+    except Exception as error:
+        raise broken("torchmetrics", error) from None
+    options = {}
+    if feature_extractor is None and "antialias" in inspect.signature(FrechetInceptionDistance).parameters:
+        options["antialias"] = False   # older torchmetrics: always the TF-compatible resize
     try:
         metric = FrechetInceptionDistance(feature=feature_extractor if feature_extractor is not None
-                                          else 2048, normalize=False)
+                                          else 2048, normalize=False, **options)
     except ModuleNotFoundError:   # torch-fidelity: the default InceptionV3
-        raise Unavailable("FID's standard InceptionV3 needs torch-fidelity: "
+        raise Unavailable("FID's standard InceptionV3 needs torch-fidelity, which is not installed; "
                           "pip install torch-fidelity") from None
     return metric.to(device)
+
+
+def fid_feature_count(metric) -> int:
+    """The dimension of an FID metric's features."""
+    return int(metric.real_features_sum.shape[0])
+
+
+def fid_sample_warning(images: int, features: int) -> Optional[str]:
+    """Why an FID of `images` images a side of `features`-d features is not a number to compare
+    (None when there are at least FID_IMAGES_PER_FEATURE per dimension, e.g. 10,240 for 2048-d).
+    With fewer the covariance estimate is poor (singular below `features` images) and FID is
+    biased upwards, the more so the smaller the sample: same-distribution FID 7.7 at 8 images vs
+    0.3 at 512 on 64-d features."""
+    enough = FID_IMAGES_PER_FEATURE * features
+    if images >= enough:
+        return None
+    return (f"FID from {images} images a side of {features}-d features is biased upwards: "
+            f"compare it only with FIDs of as many images, not with published ones; "
+            f"{enough:,} or more give a meaningful FID")
 
 
 @torch.no_grad()
@@ -130,12 +181,12 @@ def load_hpsv2(version: str = "v2.1", checkpoint: Optional[str] = None,
 
     Uses the `hpsv2` package's own model (open_clip ViT-H-14 and the HPS checkpoint of `version`,
     or `checkpoint`), loaded once; its `hpsv2.score` would reload the weights on every call."""
+    import_optional("hpsv2", "hpsv2")
     try:
-        import hpsv2  # noqa: F401
         from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
         from hpsv2.utils import hps_version_map
-    except ImportError as error:
-        raise Unavailable(f"hpsv2 is not installed ({error}); pip install hpsv2") from None
+    except Exception as error:   # hpsv2 1.2.0: FileNotFoundError (its tokenizer's vocabulary), …
+        raise broken("hpsv2", error) from None
     try:
         model, _, preprocess = create_model_and_transforms(
             "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False,
@@ -149,9 +200,10 @@ def load_hpsv2(version: str = "v2.1", checkpoint: Optional[str] = None,
             checkpoint = huggingface_hub.hf_hub_download("xswu/HPSv2", hps_version_map[version])
         state = torch.load(checkpoint, map_location=device)
         model.load_state_dict(state.get("state_dict", state))
+        tokenizer = get_tokenizer("ViT-H-14")
     except Exception as error:   # no weights offline, a changed package API
-        raise Unavailable(f"hpsv2 {version} could not load its weights: {first_line(error)}") from None
-    tokenizer = get_tokenizer("ViT-H-14")
+        raise Unavailable(f"hpsv2 {version} could not load its model: {type(error).__name__}: "
+                          f"{first_line(error)}") from None
     model = model.to(device).eval()
 
     @torch.no_grad()
@@ -170,14 +222,12 @@ def load_hpsv2(version: str = "v2.1", checkpoint: Optional[str] = None,
 def load_image_reward(name: str = "ImageReward-v1.0",
                       device="cpu") -> Callable[[Sequence[Image.Image], Sequence[str]], List[float]]:
     """A scorer (images, prompts) → ImageReward scores, from the `image-reward` package."""
-    try:
-        import ImageReward as reward_package
-    except ImportError as error:
-        raise Unavailable(f"ImageReward is not installed ({error}); pip install image-reward") from None
+    reward_package = import_optional("ImageReward", "image-reward")
     try:
         model = reward_package.load(name, device=device)
     except Exception as error:
-        raise Unavailable(f"ImageReward could not load {name}: {first_line(error)}") from None
+        raise Unavailable(f"image-reward could not load {name}: {type(error).__name__}: "
+                          f"{first_line(error)}") from None
 
     @torch.no_grad()
     def score(images, prompts):
@@ -195,15 +245,46 @@ TABLE_COLUMNS = (("model", "model"), ("steps", "steps"), ("CLIP", "clip_score"),
                  ("HPSv2", "hpsv2"), ("ImageReward", "image_reward"), ("FID", "fid"))
 
 
+def mean_and_error(values: Optional[Sequence[float]]) -> tuple:
+    """(mean, standard error of the mean) of per-image scores; None for what cannot be computed."""
+    if not values:
+        return None, None
+    array = np.asarray(values, dtype=np.float64)
+    sem = float(array.std(ddof=1) / np.sqrt(len(array))) if len(array) > 1 else None
+    return float(array.mean()), sem
+
+
 def markdown_table(rows: Sequence[dict], fid_reference: str = "teacher") -> str:
-    """The metrics as a markdown table, one row per model; a missing metric is "–"."""
-    def cell(value):
+    """The metrics as a markdown table, one row per model: a per-image metric as mean ± standard
+    error (its `<key>_sem`), a missing metric as "–"."""
+    def cell(row, key):
+        value = row.get(key)
         if value is None:
             return "–"
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
+        if not isinstance(value, float):
+            return str(value)
+        sem = row.get(f"{key}_sem")
+        return f"{value:.2f}" + (f" ± {sem:.2f}" if sem is not None else "")
 
     header = [name if key != "fid" else f"FID (vs {fid_reference})" for name, key in TABLE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(key)) for _, key in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(row, key) for _, key in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report_notes(result: dict) -> List[str]:
+    """The lines under the table (metrics.md, the screen, the model card): what the ± is, which
+    FID, its warning, and every skipped metric with its reason."""
+    status = result.get("metrics", {})
+    count = result.get("prompts", {}).get("count")
+    lines = [f"CLIP, HPSv2, ImageReward: mean ± standard error over the {count} prompts (one "
+             f"image each, one seed: {result.get('seed')} + prompt index)."]
+    fid = status.get("fid", {})
+    if fid.get("status") == "ok":
+        lines.append(f"FID features: {fid.get('features')}.")
+        if fid.get("warning"):
+            lines.append(f"Warning: {fid['warning']}.")
+    lines += [f"- {key}: skipped ({value.get('reason')})" for key, value in status.items()
+              if value.get("status") != "ok"]
+    return lines

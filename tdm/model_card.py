@@ -4,6 +4,7 @@ YAML front matter, base model, step grid, guidance, how to load the student (eac
 `loading_snippet`), the training flags and, once eval_tdm.py has run, its metrics."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -58,14 +59,23 @@ def _literal(value) -> str:
     return repr(value)
 
 
+def model_location(name_or_path: str) -> str:
+    """A hub id as it is; a local folder or file as an absolute path (a snippet runs from any
+    folder)."""
+    return os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
+
+
 def diffusers_snippet(backbone, weights_kind: str, student_location: str, timesteps: Sequence[int],
-                      load_lines: Optional[List[str]] = None, imports: Sequence[str] = ()) -> str:
+                      load_lines: Optional[List[str]] = None, imports: Sequence[str] = (),
+                      num_frames: Optional[int] = None) -> str:
     """Python that loads the student in plain diffusers and samples it on its training grid.
 
     Default loading: `pipeline_class_names[0].from_pretrained` with `load_lora_weights` (adapter
     "tdm", scale 1) for a LoRA, or the denoiser class of the base's model_index.json as a component
     for a full student; `load_lines` replaces it (a family whose pipeline lacks a LoRA loader).
-    The scheduler line and the call's grid argument are what `backbone.use_training_grid` does."""
+    The scheduler line and the call's grid argument are what `backbone.use_training_grid` does;
+    the size, text length and guidance are the backbone's (card_backbone: the run's), the frames
+    `num_frames` (None: the family's default)."""
     import diffusers
 
     kw = backbone._load_kwargs()
@@ -95,15 +105,12 @@ def diffusers_snippet(backbone, weights_kind: str, student_location: str, timest
     if backbone.resolution:
         height, width = backbone.image_size(backbone.resolution)
         call_args.update(height=height, width=width)
-    try:
-        call_args.update(backbone.pipeline_kwargs())
-    except (TypeError, ValueError):
-        pass
+    call_args.update(backbone.pipeline_kwargs(num_frames))
     output = "frames[0]" if backbone.is_video else "images[0]"
     lines = ["import torch", f"from diffusers import {', '.join(sorted(set(names)))}", *imports, "",
              "device, dtype = (\"cuda\", torch.float16) if torch.cuda.is_available() else "
              "(\"cpu\", torch.float32)",
-             f"base = {backbone.model_path!r}", *load_lines,
+             f"base = {model_location(backbone.model_path)!r}", *load_lines,
              f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config"
              + (f", {_kwargs(overrides)}" if overrides else "") + ")",
              f"{'frames' if backbone.is_video else 'image'} = pipe({EXAMPLE_PROMPT!r}, "
@@ -134,13 +141,27 @@ def _values(args) -> dict:
     return json.loads(json.dumps(values, default=str))   # plain YAML types only
 
 
+def card_backbone(backbone, values: dict):
+    """A copy of `backbone` set up as the run was, from its config alone: resolution, text length
+    and guidance (--guidance_embedding, --student_guidance), so that the card samples as trained
+    whatever state the caller's adapter is in."""
+    card = copy.copy(backbone)
+    card.resolution = values.get("resolution") or backbone.resolution
+    if values.get("max_sequence_length"):
+        card.max_sequence_length = values["max_sequence_length"]
+    card.set_guidance(values.get("guidance_embedding"), values.get("student_guidance"))
+    return card
+
+
 def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None) -> str:
     """Write `folder`/README.md for the student exported there; returns its path.
 
-    `args`: the run's config (train_tdm's resolved flags, or config.yaml as a dict). `metrics`:
+    `args`: the run's config (train_tdm's resolved flags, or config.yaml as a dict): every sampling
+    argument of the card (grid, size, frames, text length, guidance) is taken from it. `metrics`:
     eval_tdm.py's result (metrics.json), shown as a table; a later call without metrics keeps the
     metrics section of an existing card."""
     values = _values(args)
+    backbone = card_backbone(backbone, values)
     kind, location = student_export(folder, backbone)
     location = os.path.abspath(location)
     timesteps = list(values.get("timesteps") or student_timesteps(values.get("num_steps") or 4, values))
@@ -155,7 +176,7 @@ def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None
         front["license"] = values["license"]
     front = {k: v for k, v in front.items() if v is not None}
     try:
-        snippet = backbone.loading_snippet(kind, location, timesteps)
+        snippet = backbone.loading_snippet(kind, location, timesteps, values.get("num_frames"))
     except Exception as error:   # the export is written: a card without a snippet beats a crash
         print(f"warning: no loading snippet in the model card: {type(error).__name__}: {error}",
               file=sys.stderr)
@@ -184,6 +205,10 @@ def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None
         ("sampler", "the snippet's stock scheduler on the training grid (= the training rollout)"
          if backbone.pipeline_class_names else "the training rollout"),
     ]
+    if backbone.pipeline_class_names and backbone.resolution:
+        frames = backbone.pipeline_kwargs(values.get("num_frames")).get("num_frames")
+        summary.append(("sample size", "{}×{} px".format(*backbone.image_size(backbone.resolution))
+                        + (f", {frames} frames" if frames else "")))
     for key, label in (("train_mode", "training mode"), ("max_train_steps", "iterations"),
                        ("train_batch_size", "batch size per process"),
                        ("learning_rate", "learning rate (fake score)"),
@@ -218,7 +243,7 @@ def write_model_card(folder: str, backbone, args, metrics: Optional[dict] = None
 
 
 def _metrics_section(result: dict) -> str:
-    from .evaluation import markdown_table
+    from .evaluation import markdown_table, report_notes
 
     prompts = result.get("prompts", {})
     teacher = result.get("teacher", {})
@@ -227,11 +252,8 @@ def _metrics_section(result: dict) -> str:
              f"{result.get('seed')}, teacher {teacher.get('steps')} steps with CFG "
              f"{teacher.get('guidance_scale')}, CLIP "
              f"`{result.get('metrics', {}).get('clip_score', {}).get('model', '–')}`.\n",
-             markdown_table(result["rows"], result.get("fid_reference", "teacher"))]
-    skipped = [f"- {k}: skipped ({v.get('reason')})" for k, v in result.get("metrics", {}).items()
-               if v.get("status") != "ok"]
-    if skipped:
-        lines.append("\n".join(skipped) + "\n")
+             markdown_table(result["rows"], result.get("fid_reference", "teacher")),
+             "\n".join(report_notes(result)) + "\n"]
     return "\n".join(lines)
 
 

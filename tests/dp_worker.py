@@ -1,6 +1,6 @@
 """One rank of the data-parallel equivalence test (tests/test_equivalence.py), launched as
 `accelerate launch --num_processes 2 tests/dp_worker.py MODEL OUT MODE`: rank r runs one
-training iteration on its own two prompts and saves its record and initial weights."""
+training iteration on its own two prompts and saves its record, its draws and initial weights."""
 import os
 import sys
 
@@ -17,7 +17,8 @@ def main(model: str, out: str, mode: str) -> None:
     production = Production(args, float64=True)
     rank = production.run.accelerator.process_index
     record = production.iterate([PROMPTS[2 * rank: 2 * rank + 2]])
-    torch.save({"record": record.__dict__, "student_state": production.student_state,
+    torch.save({"record": record.__dict__, "draws": production.draws,
+                "student_state": production.student_state,
                 "fake_score_state": production.fake_score_state},
                os.path.join(out, f"rank{rank}.pt"))
     production.run.accelerator.wait_for_everyone()

@@ -1,6 +1,7 @@
 """Run one training iteration through the script's own entry points (train_tdm.build and
 train_tdm.tdm_iteration) and the plain reference of tests/reference.py on the same weights and
-random stream, and compare losses, gradients and the weights after the optimiser steps."""
+the random values the training code drew, and compare losses, gradients and the weights after
+the optimiser steps."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +11,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from reference import (Record, Settings, concat_draws, draw_shard, plain_networks,
-                       reference_iteration)
+from reference import (Draw, Draws, Record, concat_draws, plain_networks, reference_iteration,
+                       settings_from_flags)
 
 PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree in a field",
            "a yellow bird on a wire", "a small house by a lake", "an old car in the rain",
            "a bowl of fruit", "a castle on a hill"]
 TOY_PROMPTS = ["0", "1", "2", "3", "", "1", "2", "0"]
-# float64 proofs: the worst error measured is ~3e-13 of a tensor's scale (test_equivalence.py)
+# float64 proofs: the worst error measured is 1.5e-12 of a tensor's scale (test_equivalence.py)
 RTOL_FP64 = 1e-9
 TOY_OPTIONS = {"mixture": {"circle": {"modes": 4, "radius": 2.0}, "std": 0.1, "conditional": True},
                "network": {"hidden": 32, "depth": 2, "time_channels": 16},
@@ -61,20 +62,6 @@ def train_args(model: str, out: str, flags=(), family: str = "pixart", prompts=P
     if family == "wan":
         base += ["--num_frames", "5"]
     return parse_args(base + list(flags))
-
-
-def settings_of(args, backbone=None) -> Settings:
-    """The reference's settings; --guidance_embedding auto is the backbone's own mode."""
-    embedded = args.guidance_embedding
-    if embedded is None:
-        embedded = getattr(backbone, "guidance_embedding", False)
-    return Settings(cfg=args.cfg, separate=args.use_separate, randmid=args.use_randmid,
-                    guidance_embedding=embedded,
-                    loss=args.loss, snr_gamma=args.snr_gamma,
-                    importance_weight=not args.no_importance_weight,
-                    share_step_draw=args.share_step_draw, unify_steps=tuple(args.unify_steps or ()),
-                    fake_step_condition=args.fake_step_condition, num_steps=args.num_steps,
-                    total_steps=args.total_steps)
 
 
 def perturb(params, seed: int, scale: float) -> None:
@@ -132,6 +119,46 @@ def float64_networks():
         tdm.backbones.load_backbone = load_backbone
 
 
+def record_draws(tdm) -> List[dict]:
+    """What the training code draws in each iteration — z, K, both draws, both diffusion noises —
+    read by wrapping the methods of the run's own TDM instance (the tests' side: no hook in
+    tdm/). One entry per iteration, in the order drawn."""
+    iterations = []
+    start, draw_num_steps, draw, randn = tdm.start, tdm.draw_num_steps, tdm.draw, tdm.randn
+
+    def recorded_start(*args, **kwargs):
+        iterations.append({"noise": []})
+        return start(*args, **kwargs)
+
+    def recorded_num_steps():
+        iterations[-1]["K"] = draw_num_steps()
+        return iterations[-1]["K"]
+
+    def recorded_draw(*args, **kwargs):
+        pair = draw(*args, **kwargs)
+        fields = ("k", "t_g", "t_e", "t")
+        iterations[-1]["draws"] = [Draw(*(getattr(d, f).detach().cpu().clone() for f in fields))
+                                   for d in pair]
+        return pair
+
+    def recorded_randn(*args, **kwargs):
+        noise = randn(*args, **kwargs)
+        iterations[-1]["noise"].append(noise.detach().cpu().clone())
+        return noise
+
+    tdm.start, tdm.draw_num_steps, tdm.draw, tdm.randn = (recorded_start, recorded_num_steps,
+                                                          recorded_draw, recorded_randn)
+    return iterations
+
+
+def as_draws(iteration: dict) -> Draws:
+    """One recorded iteration: z first, then the fake-score update's n, then the student's."""
+    assert len(iteration["noise"]) == 3, f"{len(iteration['noise'])} noise draws in one iteration"
+    z, fake_score_noise, student_noise = iteration["noise"]
+    fake_score_draw, student_draw = iteration["draws"]
+    return Draws(iteration["K"], z, fake_score_draw, student_draw, fake_score_noise, student_noise)
+
+
 class Production:
     """The training code's iteration, with its gradients read just before each optimiser step
     (after data-parallel averaging and clipping). `float64`: the networks are built in float64
@@ -164,12 +191,18 @@ class Production:
         self.before = {id(p): p.detach().clone() for p in [*self.student.values(), *self.fake_score.values()]}
         self.student_state = {k: v.detach().clone() for k, v in student_module.state_dict().items()}
         self.fake_score_state = {k: v.detach().clone() for k, v in fake_module.state_dict().items()}
+        self.recorded = record_draws(self.run.tdm)
         self.grads = {}
         for role, optimizer, params in (("fake_score", self.run.fake_score_optimizer, self.fake_score),
                                         ("student", self.run.student_optimizer, self.student)):
             optimizer.optimizer.register_step_pre_hook(
                 lambda opt, a, kw, role=role, params=params: self.grads.__setitem__(
                     role, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}))
+
+    @property
+    def draws(self) -> List[Draws]:
+        """The random values of every iteration so far (reference: the first ones)."""
+        return [as_draws(iteration) for iteration in self.recorded]
 
     def iterate(self, micro_batches: List[List[str]]) -> Record:
         import train_tdm
@@ -188,46 +221,35 @@ class Production:
 
 
 def reference(production: Production, shard_prompts: List[List[List[str]]],
-              autocast_dtype=None) -> Record:
-    """The plain iteration on the production's initial weights. `shard_prompts[s][i]`: the
-    prompts of micro-batch i on process s (one process: a single shard); the shards of each
-    micro-batch are concatenated into one batch."""
+              autocast_dtype=None, shard_draws: Optional[List[List[Draws]]] = None) -> Record:
+    """The plain iteration on the production's initial weights and with the random values its
+    first iterations drew (run it after `production.iterate`). `shard_prompts[s][i]`: the prompts
+    of micro-batch i on process s (one process: a single shard), `shard_draws[s][i]` its draws
+    (default: this production's); the shards of each micro-batch are concatenated into one batch."""
     args, run = production.args, production.run
+    shard_draws = shard_draws or [production.draws]
+    assert all(len(shard) >= len(shard_prompts[0]) for shard in shard_draws), \
+        "no draws recorded for every micro-batch: run production.iterate before the reference"
     with default_dtype(production.dtype):
-        return _reference(production, args, run, shard_prompts, autocast_dtype)
+        return _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype)
 
 
-def _reference(production, args, run, shard_prompts, autocast_dtype) -> Record:
-    from tdm.conditions import condition_to, expand_condition
-    from tdm.step_condition import step_tables
-
-    backbone, dtype = run.backbone, production.dtype
+def _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype) -> Record:
+    backbone = run.backbone
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         run.accelerator.mixed_precision, torch.float32)
-    tables = step_tables(args.num_steps, args.unify_steps, args.fake_step_condition)
-    plain = plain_networks(backbone, args.train_mode, weight_dtype, production.student_state,
-                           production.fake_score_state, tables, args.lora_rank, args.lora_alpha,
-                           float64=dtype == torch.float64)
-    settings = settings_of(args, backbone)
-    shared = torch.Generator().manual_seed(args.seed)
-    rngs = [torch.Generator().manual_seed(args.seed + s) for s in range(len(shard_prompts))]
+    plain = plain_networks(backbone, args.pretrained_model_name_or_path, run.latent_shape,
+                           args.train_mode, weight_dtype, production.student_state,
+                           production.fake_score_state, args.lora_rank, args.lora_alpha,
+                           float64=production.dtype == torch.float64)
     micro_batches = []
     for i in range(len(shard_prompts[0])):
-        draws = []
-        for s, rng in enumerate(rngs):
-            # every process draws K from the same shared stream: replay it once per micro-batch
-            state = shared.get_state()
-            draws.append(draw_shard(settings, len(shard_prompts[s][i]), run.latent_shape, 0,
-                                    shared, rng))
-            if s < len(rngs) - 1:
-                shared.set_state(state)
-        prompts = [p for s in range(len(shard_prompts)) for p in shard_prompts[s][i]]
-        cond = condition_to(backbone.encode_prompts(prompts), dtype=dtype)
-        uncond = expand_condition(condition_to(backbone.encode_prompts([""]), dtype=dtype), len(prompts))
-        micro_batches.append((cond, uncond, concat_draws(draws)))
-    return reference_iteration(plain, backbone, settings, micro_batches, args.learning_rate,
-                               args.learning_rate * args.generator_lr_ratio, args.max_grad_norm,
-                               autocast_dtype)
+        prompts = [p for shard in shard_prompts for p in shard[i]]
+        draws = concat_draws([shard[i] for shard in shard_draws])
+        micro_batches.append((backbone.encode_prompts(prompts), backbone.encode_prompts([""]), draws))
+    return reference_iteration(plain, settings_from_flags(args._flags), micro_batches,
+                               args.learning_rate, args.learning_rate * args.generator_lr_ratio,
+                               args.max_grad_norm, autocast_dtype)
 
 
 def tensor_errors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> Dict[str, float]:

@@ -112,6 +112,74 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert not out.exists()
 
 
+def test_help_shows_every_default_and_no_empty_one():
+    """--help of the three scripts: a flag with a default value shows it (also one without a help
+    text); a flag defaulting to None or off shows none."""
+    import eval_tdm
+    import infer_tdm
+    from tdm.config import build_parser
+
+    train_help = " ".join(build_parser().format_help().split())
+    assert "--max_train_steps MAX_TRAIN_STEPS Optimiser steps" in train_help
+    assert "(default: 500)" in train_help and "(default: lora)" in train_help
+    assert "(default: None)" not in train_help and "(default: False)" not in train_help
+    infer_help = " ".join(infer_tdm.build_parser().format_help().split())
+    assert "--lora_scale LORA_SCALE (default: 1.0)" in infer_help   # no help text of its own
+    assert "(default: None)" not in infer_help
+    assert "(default: 4)" in " ".join(eval_tdm.build_parser().format_help().split())
+
+
+@pytest.mark.parametrize("typed", ["--teacher_cfg", "--teacher_guidance"])
+def test_a_flag_with_aliases_is_named_as_typed(typed):
+    import eval_tdm
+
+    with pytest.raises(UsageError) as error:
+        eval_tdm.build_parser().parse_args(["--weights", "w", typed, "-1"])
+    assert str(error.value) == f"{typed} must be >= 0, got -1.0"
+    with pytest.raises(UsageError, match=f"^{typed} must be >= 0"):
+        eval_tdm.build_parser().parse_args(["--weights", "w", f"{typed}=-2"])
+
+
+def test_a_hub_id_not_in_the_cache_names_offline_mode_or_the_network(tmp_path, monkeypatch):
+    """Offline (the tests run with HF_HUB_OFFLINE=1), a hub id that is not cached is one line that
+    says so and what to do, not diffusers' "does not appear to have a file named
+    model_index.json"; the same error without offline mode blames the network. Other errors get
+    no hint."""
+    from tdm.backbones import backbone_class
+    from tdm.checks import model_error
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(OSError) as caught:
+        backbone_class("auto", "tdm-tests/not-a-cached-model")
+    message = str(model_error("--pretrained_model_name_or_path", "tdm-tests/not-a-cached-model",
+                              caught.value))
+    assert message == ("--pretrained_model_name_or_path tdm-tests/not-a-cached-model: not in the "
+                       "local Hugging Face cache, and HF_HUB_OFFLINE is set (offline mode): give a "
+                       "local folder, or download it once with network access (HF_HUB_OFFLINE=0)")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert "the hub cannot be reached (no network?)" in str(model_error("--x", "m", caught.value))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError) as caught:
+        backbone_class("auto", str(tmp_path / "folder"))
+    assert str(model_error("--x", "f", caught.value)) == (
+        f"--x f: {tmp_path / 'folder'} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def test_prompt_errors_name_the_flag_as_typed_and_offline_mode(capsys):
+    """A missing prompt file is named by the flag the user typed (--prompts_file in infer_tdm.py
+    and eval_tdm.py, --prompts in train_tdm.py); a datasets hub id offline says offline mode."""
+    import eval_tdm
+    import infer_tdm
+
+    for main in (eval_tdm.main, infer_tdm.main):
+        assert main(["--weights", "w", "--prompts_file", "missing.txt"]) == 2
+        assert capsys.readouterr().err == "error: --prompts_file missing.txt: no such file or folder\n"
+    with pytest.raises(UsageError) as error:
+        load_prompts("tdm-tests/not-a-cached-dataset", flag="--prompts_file")
+    assert str(error.value).startswith("--prompts_file tdm-tests/not-a-cached-dataset: not in the "
+                                       "local Hugging Face cache, and HF_HUB_OFFLINE is set")
+
+
 def test_flag_reference_documents_every_flag():
     from tdm.config import build_parser
 

@@ -1,16 +1,19 @@
 """Every training path computes the plain reference's losses and gradients, by value.
 
 The production side is the script's own iteration (train_tdm.build + train_tdm.tdm_iteration on
-a tiny real model); the reference (tests/reference.py) uses separate ordinary modules per role,
-no checkpointing, the full rollout, two teacher calls for CFG and no caching. Both start from
-the same perturbed weights and replay the same random stream; losses, both updates' gradients
-and the weights after both optimiser steps must agree.
+a tiny real model); the reference (tests/reference.py) is docs/method.md transcribed again in
+float64, sharing no formula with tdm/, with separate ordinary modules per role, no checkpointing,
+the full rollout, two teacher calls for CFG and no caching. Both start from the same perturbed
+weights; the reference is given the random values the iteration drew (tests/harness.py records
+them) and checks the draws against its own grid; losses, both updates' gradients and the weights
+after both optimiser steps must agree.
 
 The proofs run in float64 (networks and inputs), so that their verdict cannot depend on a CPU's,
 a BLAS's or a batch size's rounding: measured over every family, mode and checkpointing
-(scripts/equivalence_spread.py), the worst error is ~3e-13 of a tensor's scale against
-RTOL_FP64 = 1e-9, while a wrong gradient is off by its own size. Two smoke checks keep the
-precisions that train: float32 and bf16 autocast, at bounds well above their measured spread.
+(scripts/equivalence_spread.py), the worst error is 1.5e-12 (an Adam step; gradients 4e-14) of a
+tensor's scale against RTOL_FP64 = 1e-9, while a wrong gradient is off by its own size. Two smoke
+checks keep the precisions that train: float32 and bf16 autocast, at bounds above their measured
+spread.
 """
 import os
 import sys
@@ -30,12 +33,13 @@ def check(tiny_models, tmp_path, family, flags, micro_batches=1, precision="fp64
     args = train_args(tiny_models(family), str(tmp_path), flags, family, prompts)
     production = Production(args, float64=precision == "fp64")
     batches = [prompts[2 * i: 2 * i + 2] for i in range(micro_batches)]
-    expected = reference(production, [batches], torch.bfloat16 if precision == "bf16" else None)
     actual = production.iterate(batches)
+    expected = reference(production, [batches], torch.bfloat16 if precision == "bf16" else None)
     if precision == "fp64":
         assert_records_equal(actual, expected, rtol)
     else:
         assert_records_close(actual, expected, rtol)
+    return production
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
@@ -77,13 +81,24 @@ def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_models, tmp_p
     check(tiny_models, tmp_path, "pixart", flags, micro_batches=2)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_unify_matches_the_reference_for_every_step_count(tiny_models, tmp_path, mode):
+    """TDM-unify with the step index, over three accumulated micro-batches that draw K = 2, 4 and 1
+    (seed 1; asserted): each K's grid, rollout, step tables and draws, where one iteration alone
+    (the option case above, seed 0) draws only the deepest K."""
+    flags = ["--train_mode", mode, "--unify_steps", "1,2,4", "--fake_step_condition", "--use_separate",
+             "--seed", "1", "--gradient_accumulation_steps", "3"]
+    production = check(tiny_models, tmp_path, "pixart", flags, micro_batches=3)
+    assert sorted(draws.num_steps for draws in production.draws) == [1, 2, 4]
+
+
 # Smoke checks of the precisions that train, by each update's whole gradient (relative L2) and
 # the losses: single elements of near-cancelling sums round differently with batch composition
 # (training runs the teacher's CFG branches as one batch of 4, the reference as two of 2).
 # Measured over every family, mode and checkpointing (scripts/equivalence_spread.py,
-# 2026-12-05): fp32 worst 2.5e-5 (gradient) and 2.4e-6 (loss); bf16 autocast worst 0.02 and
-# 0.0098. The bounds sit 40× and 10× above; a wrong gradient is off by its own size (the
-# recompute bug: 1.22).
+# 2026-12-05) against the reference's float64 maths: fp32 worst 2.5e-4 (gradient, PixArt LoRA:
+# the training code's own float32 rounding) and 4e-5 (loss); bf16 autocast worst 0.02 and 0.0098.
+# The bounds sit 4× and 10× above; a wrong gradient is off by its own size (the recompute bug: 1.22).
 RTOL_FP32_SMOKE = 1e-3
 RTOL_BF16_SMOKE = 0.2
 
@@ -119,8 +134,8 @@ def test_torch_compile_matches_the_reference_and_compiles_once(tiny_models, tmp_
                       ["--train_mode", mode, "--torch_compile", "--gradient_checkpointing",
                        "--use_separate"], "toy2d", TOY_PROMPTS)
     production = Production(args, float64=True)
-    expected = reference(production, [[TOY_PROMPTS[:2]]])
-    assert_records_equal(production.iterate([TOY_PROMPTS[:2]]), expected, RTOL_COMPILED)
+    actual = production.iterate([TOY_PROMPTS[:2]])
+    assert_records_equal(actual, reference(production, [[TOY_PROMPTS[:2]]]), RTOL_COMPILED)
     counters = torch._dynamo.utils.counters
     for prompts in (TOY_PROMPTS[2:4], TOY_PROMPTS[4:6]):
         counters.clear()
@@ -148,7 +163,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tiny_models,
         assert_tensors_equal(ranks[1]["record"][name], ranks[0]["record"][name], 0.0, name)
     production = Production(args, float64=True)
     production.student_state, production.fake_score_state = ranks[0]["student_state"], ranks[0]["fake_score_state"]
-    expected = reference(production, [[PROMPTS[0:2]], [PROMPTS[2:4]]])
+    expected = reference(production, [[PROMPTS[0:2]], [PROMPTS[2:4]]],
+                         shard_draws=[ranks[0]["draws"], ranks[1]["draws"]])
     actual = Record(**ranks[0]["record"])
     # each rank's loss is the mean over its half: the whole batch's is the mean of the two
     for name in ("fake_score_loss", "student_loss"):

@@ -1,7 +1,9 @@
 """eval_tdm.py and the model card on tiny real models: CLIP score and FID against independent
 computations, the script end to end, its one-line errors, and a card whose snippet runs."""
+import importlib.util
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -10,58 +12,18 @@ import yaml
 from PIL import Image
 
 from conftest import teacher_and_lora_student, tiny_flags
+from scripts.tiny_eval_models import TinyInception, build_tiny_clip
+
+TINY_FID = "scripts.tiny_eval_models:TinyInception"   # --fid_feature_extractor
 
 PROMPTS = ["a red cat sitting on a chair.", "a blue boat at sea", "a cute panda eating bamboo",
            "a white horse standing in a field of flowers"]
 
 
-class TinyInception(torch.nn.Module):
-    """Inception-shaped FID features: uint8 images [N, 3, H, W] → [N, 8], fixed random weights."""
-
-    num_features = 8
-
-    def __init__(self):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = torch.nn.Linear(8, 8)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-
-    def forward(self, images):
-        x = images.float() / 127.5 - 1
-        return self.fc(torch.tanh(self.conv(x)).mean(dim=(2, 3)))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny real CLIPModel + CLIPProcessor (tokenizer trained locally), saved and reloaded."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor   # no torchvision here
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    from tdm.tiny.clip import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer()
-    processor = CLIPProcessor(image_processor=ImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(3)
-    path = str(tmp_path_factory.mktemp("models") / "tiny-clip")
-    CLIPModel(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return build_tiny_clip(str(tmp_path_factory.mktemp("models") / "tiny-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +136,7 @@ def test_eval_end_to_end(tiny_pixart, lora_export, tiny_clip, tmp_path):
     out = tmp_path / "eval"
     rc = eval_tdm.main(["--weights", str(lora_export), "--prompts_file", str(prompts_file),
                         "--teacher_steps", "2", "--teacher_cfg", "4.5", "--batch_size", "2",
-                        "--clip_model", tiny_clip, "--fid_feature_extractor", "test_eval:TinyInception",
+                        "--clip_model", tiny_clip, "--fid_feature_extractor", TINY_FID,
                         "--output_dir", str(out), "--save_images", "--grid_prompts", "3"])
     assert rc == 0
     result = json.loads((out / "metrics.json").read_text())
@@ -315,7 +277,7 @@ def test_reference_images_are_centre_cropped_to_the_samples_and_scored_by_fid(lo
     assert eval_tdm.main(["--weights", str(lora_export), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                           "--prompt", PROMPTS[2], "--teacher_steps", "0", "--metrics", "fid",
                           "--reference_dir", str(reference), "--output_dir", str(out), "--save_images",
-                          "--fid_feature_extractor", "test_eval:TinyInception"]) == 0
+                          "--fid_feature_extractor", TINY_FID]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert [row["model"] for row in result["rows"]] == ["TDM 4 steps"]
     student = [Image.open(out / "student" / f"{i:05d}.png").convert("RGB") for i in range(3)]
@@ -323,3 +285,158 @@ def test_reference_images_are_centre_cropped_to_the_samples_and_scored_by_fid(lo
     assert result["rows"][0]["fid"] == pytest.approx(
         closed_form_fid(features(references), features(student)), rel=1e-3)
     assert result["metrics"]["clip_score"]["status"] == "skipped"
+
+
+# -- optional metrics: every failure is a one-line skip with the real reason ---------------------
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """stand_in(package, source): a package of that name on sys.path whose __init__ is `source`
+    (an installed package as it fails, or works, here); removed again afterwards."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    made = []
+
+    def make(package, source):
+        (site / package).mkdir()
+        (site / package / "__init__.py").write_text(source)
+        made.append(package)
+        importlib.invalidate_caches()
+
+    yield make
+    for name in list(sys.modules):
+        if name.split(".")[0] in made:
+            del sys.modules[name]
+
+
+HPSV2_1_2_0 = ("raise FileNotFoundError(2, 'No such file or directory', "
+               "'/site/hpsv2/src/open_clip/bpe_simple_vocab_16e6.txt.gz')\n")
+IMAGE_REWARD_1_5 = ("from transformers.modeling_utils import apply_chunking_to_forward  "
+                    "# gone in transformers 5\n")
+
+
+@pytest.mark.parametrize("package, source, says", [
+    ("hpsv2", HPSV2_1_2_0, "hpsv2 is installed but it fails at import (FileNotFoundError: [Errno 2] "
+     "No such file or directory: '/site/hpsv2/src/open_clip/bpe_simple_vocab_16e6.txt.gz')"),
+    ("ImageReward", IMAGE_REWARD_1_5, "image-reward is installed but it fails at import "
+     "(ImportError: cannot import name 'apply_chunking_to_forward' from 'transformers.modeling_utils'"),
+    ("hpsv2", "import clint\n", "hpsv2 is installed but its dependency clint is not installed "
+     "(ModuleNotFoundError: No module named 'clint')"),
+])
+def test_an_optional_package_failing_at_import_is_named_broken_not_missing(stand_in, package, source,
+                                                                           says):
+    from tdm.evaluation import Unavailable, load_hpsv2, load_image_reward
+
+    stand_in(package, source)
+    with pytest.raises(Unavailable) as error:
+        (load_hpsv2 if package == "hpsv2" else load_image_reward)()
+    assert str(error.value).startswith(says)
+
+
+def test_an_optional_package_not_installed_is_named_so():
+    from tdm.evaluation import Unavailable, load_hpsv2, load_image_reward
+
+    for load, module, package in ((load_hpsv2, "hpsv2", "hpsv2"),
+                                  (load_image_reward, "ImageReward", "image-reward")):
+        if importlib.util.find_spec(module) is not None:
+            continue   # installed here: tested above with stand-ins
+        with pytest.raises(Unavailable, match=f"^{package} is not installed; pip install {package}$"):
+            load()
+
+
+def test_standard_fid_resizes_as_the_original_not_antialiased(monkeypatch):
+    """The default FID network is torchmetrics' InceptionV3 built with antialias=False: the
+    original FID's TensorFlow-compatible bilinear resize to 299 px (torchmetrics' default,
+    antialiased, differs from it, as its docs say). torch-fidelity and its weights are not
+    installed here: the network class records how it is built."""
+    import torchmetrics.image.fid as tm_fid
+
+    from tdm.evaluation import fid_metric
+
+    built = {}
+
+    class InceptionAsBuilt(torch.nn.Module):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, antialias=True):
+            super().__init__()
+            built.update(name=name, features=features_list, antialias=antialias)
+
+    monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", InceptionAsBuilt)
+    fid_metric()
+    assert built == {"name": "inception-v3-compat", "features": ["2048"], "antialias": False}
+
+
+def test_fid_of_too_few_images_is_flagged():
+    """Same-distribution FID falls from 7.7 at 8 images to 0.3 at 512 on 64-d features: below
+    5 images per feature dimension the number is flagged, at and above it is not."""
+    from tdm.evaluation import fid_sample_warning
+
+    rng = np.random.default_rng(0)
+
+    def same_distribution_fid(n):
+        return closed_form_fid(rng.standard_normal((n, 64)), rng.standard_normal((n, 64)))
+
+    assert same_distribution_fid(8) > 10 * same_distribution_fid(512)
+    assert "FID from 8 images a side of 64-d features is biased upwards" in fid_sample_warning(8, 64)
+    assert "320 or more" in fid_sample_warning(319, 64)
+    assert fid_sample_warning(320, 64) is None and fid_sample_warning(10_240, 2048) is None
+    assert "10,240 or more" in fid_sample_warning(3_200, 2048)
+
+
+def test_failing_optional_metrics_are_skipped_on_screen_and_the_rest_is_measured(
+        lora_export, tiny_clip, stand_in, tmp_path, capsys):
+    """hpsv2 raising at import and an ImageReward that loads but fails while scoring: both are
+    one line on screen, with the reason, and in metrics.md; CLIP and FID are measured; the table,
+    the FID network used and its warning (4 images) are printed."""
+    import eval_tdm
+
+    stand_in("hpsv2", HPSV2_1_2_0)
+    stand_in("ImageReward", "class Model:\n"
+             "    def score(self, prompt, image):\n"
+             "        raise RuntimeError('expected all tensors to be on the same device')\n"
+             "def load(name, device):\n"
+             "    return Model()\n")
+    out = tmp_path / "eval"
+    rc = eval_tdm.main(["--weights", str(lora_export), *sum((["--prompt", p] for p in PROMPTS), []),
+                        "--teacher_steps", "2", "--batch_size", "2", "--clip_model", tiny_clip,
+                        "--fid_feature_extractor", TINY_FID, "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads((out / "metrics.json").read_text())
+    status = result["metrics"]
+    assert status["hpsv2"]["reason"].startswith("hpsv2 is installed but it fails at import "
+                                                "(FileNotFoundError")
+    assert status["image_reward"] == {"status": "skipped", "reason": "failed while scoring: "
+                                      "RuntimeError: expected all tensors to be on the same device"}
+    assert status["clip_score"]["status"] == status["fid"]["status"] == "ok"
+    assert "FID from 4 images a side of 8-d features is biased upwards" in status["fid"]["warning"]
+    student = result["rows"][0]
+    assert student["clip_score"] is not None and student["fid"] is not None
+    assert student["image_reward"] is None and "image_reward" not in result["per_image"]["student"]
+    report = (out / "metrics.md").read_text()
+    for line in ("| model | steps | CLIP | HPSv2 | ImageReward | FID (vs teacher) |",
+                 f"- hpsv2: skipped ({status['hpsv2']['reason']})",
+                 f"- image_reward: skipped ({status['image_reward']['reason']})",
+                 f"Warning: {status['fid']['warning']}.",
+                 f"FID features: {TINY_FID}: not InceptionV3, not comparable to published FIDs."):
+        assert line in report and line in captured.out, line
+    assert f"| TDM 4 steps | 4 | {student['clip_score']:.2f} ± {student['clip_score_sem']:.2f} |" in report
+    errors = captured.err.replace("\r", "\n").splitlines()
+    assert f"hpsv2: skipped ({status['hpsv2']['reason']})" in errors
+    assert f"image_reward: skipped ({status['image_reward']['reason']})" in errors
+    assert f"warning: {status['fid']['warning']}" in errors
+
+
+def test_no_requested_metric_can_run_is_one_line_before_any_sampling(lora_export, stand_in, tmp_path,
+                                                                     capsys):
+    import eval_tdm
+
+    stand_in("hpsv2", HPSV2_1_2_0)
+    out = tmp_path / "eval"
+    card = (lora_export / "README.md").read_text()
+    rc = eval_tdm.main(["--weights", str(lora_export), "--prompt", "a cat", "--metrics", "hpsv2",
+                        "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: --metrics hpsv2: none can run here (hpsv2: hpsv2 "
+                                          "is installed but it fails at import (FileNotFoundError")
+    assert not out.exists() and (lora_export / "README.md").read_text() == card

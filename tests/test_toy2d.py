@@ -317,6 +317,14 @@ def test_shortened_job_student_beats_teacher_on_four_steps(tmp_path):
     noise = [line for line in proc.stderr.splitlines()   # the demo's job: no library warnings
              if "warn" in line.lower() or "failed to load" in line.lower()]
     assert not noise, noise
+    # progress bars for each part (teacher, distillation, evaluation); log lines on their own
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    for bar in ("toy teacher: 100%", "TDM: 100%", "evaluation (seed 0): 100%"):
+        assert any(line.startswith(bar) for line in lines), bar
+    glued = [line for line in lines if " INFO " in line and not line[:4].isdigit()]
+    assert not glued and any(" INFO tdm: exported the student" in line for line in lines), glued
+    assert "One seed (students trained with --seed 0), evaluation seeds 0" in proc.stdout
+    assert "*Off every mode*: the share of points with z > 4" in proc.stdout
     result = json.loads((out / "toy_eval.json").read_text())
     swd = result["swd"]
     assert swd["student_4step"] < swd["teacher_ddim4"], swd
@@ -406,3 +414,63 @@ def test_shortened_unify_job_table_files_and_live_step_condition(tmp_path):
                 rollout(bb.denoiser(net.eval()), noise, cond, StepGrid.uniform(1, 600), bb.path).sample)
     torch.testing.assert_close(samples[1][0], samples[1][1])
     assert (samples[1][0] - samples[4][0]).abs().max() > 1e-5
+
+
+
+
+def toy_run(tiny_models, folder, scale):
+    """A toy run folder as train_tdm.py leaves it: config.yaml and a full student (the teacher's
+    weights times `scale`)."""
+    from harness import TOY_OPTIONS
+
+    from conftest import tiny_flags
+    from tdm.backbones import load_backbone
+    from tdm.config import parse_args, save_resolved_config
+
+    teacher = tiny_models("toy2d")
+    args = parse_args(tiny_flags(teacher, folder, 1, "--backbone", "toy2d", "--cfg", "1",
+                                 "--backbone_options", json.dumps(TOY_OPTIONS)))
+    student = load_backbone(teacher, "toy2d", options=TOY_OPTIONS).load_denoiser()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(scale)
+    student.save_pretrained(str(folder / "denoiser"))
+    save_resolved_config(args, str(folder / "config.yaml"))
+    return folder
+
+
+def test_infer_samples_the_toy_student_beside_its_teacher(tiny_models, tmp_path, capsys):
+    """infer_tdm.py --weights on a toy run (its folder or its denoiser/): scatter panels of the
+    student on its grid beside the teacher's DDIM, from the same noise, and their points. A
+    "student" equal to the teacher, on the grid the teacher's DDIM takes, draws the same points;
+    a changed student does not; each panel is the scatter of its points."""
+    import numpy as np
+    from PIL import Image
+
+    import infer_tdm
+    from tdm.toy.evaluate import scatter_panel
+    from tdm.trajectory import StepGrid
+
+    def sample(weights, *flags):
+        png = tmp_path / "toy.png"
+        assert infer_tdm.main(["--weights", str(weights), "--output", str(png), "--num_samples",
+                               "500", *flags]) == 0
+        image, points = np.asarray(Image.open(png).convert("RGB")), np.load(tmp_path / "toy.npz")
+        assert image.shape == (360, 640, 3)                        # two titled 320 px panels
+        for i, key in enumerate(("student", "teacher")):
+            assert points[key].shape == (500, 2)
+            drawn = np.asarray(scatter_panel(points[key], "title"))[40:]
+            np.testing.assert_array_equal(image[40:, 320 * i:320 * (i + 1)], drawn)
+        return points["student"], points["teacher"]
+
+    same = toy_run(tiny_models, tmp_path / "same", 1.0)
+    ddim4 = ",".join(map(str, StepGrid.uniform(4, 1000).timesteps))
+    student, teacher = sample(same, "--timesteps", ddim4, "--teacher_steps", "4")
+    np.testing.assert_array_equal(student, teacher)
+    out = capsys.readouterr().out
+    assert "toy2d, 500 points a panel" in out and "teacher DDIM 4 with cfg 1" in out
+    changed = toy_run(tiny_models, tmp_path / "changed", 0.9)
+    student, teacher = sample(changed / "denoiser", "--timesteps", ddim4, "--teacher_steps", "4")
+    assert np.abs(student - teacher).max() > 1e-3
+    sample(changed, "--prompt", "1", "--prompt", "2")             # class labels; DDIM 50 by default
+    assert "teacher DDIM 50 with cfg 1" in capsys.readouterr().out

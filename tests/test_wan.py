@@ -276,13 +276,13 @@ def test_train_export_and_infer_video(tiny_wan, tmp_path, capsys):
         "--use_huber", "--use_separate")))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert Image.open(out / "samples" / "step-000002.png").size[1] == SIZE
-    # the model card's plain-diffusers snippet runs and samples on the training grid (its
-    # num_frames is the pipeline's default 81: the backbone is not told the trained length)
+    # the model card's plain-diffusers snippet runs as written and samples on the training grid,
+    # with the run's frames (config.yaml)
     card = (out / "README.md").read_text()
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "num_frames=81" in snippet and "functools.partial" in snippet
+    assert f"num_frames={FRAMES}," in snippet and "functools.partial" in snippet
     namespace = {}
-    exec(snippet.replace("num_frames=81", f"num_frames={FRAMES}"), namespace)
+    exec(snippet, namespace)
     assert namespace["frames"].shape == (FRAMES, SIZE, SIZE, 3)
     assert namespace["pipe"].scheduler.timesteps.tolist() == pytest.approx([1000, 900, 750, 500])
 

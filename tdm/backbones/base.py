@@ -225,10 +225,18 @@ class Backbone:
         raise NotImplementedError
 
     # -- network call ---------------------------------------------------------------------
+    def network_output(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                       cond: dict) -> torch.Tensor:
+        """The network's forward as the stock pipeline calls it (input packing, the time input
+        for path indices t, position ids), returning all it returns in x_t's layout, extra
+        channels included (PixArt's learned σ)."""
+        raise NotImplementedError
+
     def model_output(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                      cond: dict) -> torch.Tensor:
-        """The raw prediction of `prediction_type` for x_t (extra channels removed)."""
-        raise NotImplementedError
+        """The raw prediction of `prediction_type` for x_t: `network_output` less any extra
+        channels (none unless a family says so)."""
+        return self.network_output(module, x_t, t, cond)
 
     def denoiser(self, module: torch.nn.Module, role: Optional[str] = None) -> "Denoiser":
         return Denoiser(module, self, role)
@@ -269,14 +277,16 @@ class Backbone:
         """Extra arguments for the pipeline's __call__ (switches of one family, video frames)."""
         return {}
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames: Optional[int] = None) -> str:
         """Python for the model card that loads the student ("lora" file or "full" model folder at
-        `student_location`) in plain diffusers and samples it on `timesteps`. Default: built from
-        `pipeline_class_names[0]` and the scheduler `use_training_grid` sets (tdm.model_card);
-        override where the family's pipeline loads a student differently."""
+        `student_location`) in plain diffusers and samples it on `timesteps` (`num_frames`: the
+        run's, video families). Default: built from `pipeline_class_names[0]` and the scheduler
+        `use_training_grid` sets (tdm.model_card); override where the family's pipeline loads a
+        student differently."""
         from ..model_card import diffusers_snippet
 
-        return diffusers_snippet(self, weights_kind, student_location, timesteps)
+        return diffusers_snippet(self, weights_kind, student_location, timesteps, num_frames=num_frames)
 
     is_video: bool = False   # pipelines return `.frames` (lists of frames) instead of `.images`
 

@@ -161,7 +161,7 @@ class CogVideoXBackbone(Backbone):
             pipeline_view, height * self.vae_scale_factor, width * self.vae_scale_factor, frames,
             x_t.device)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The transformer's v-prediction; `t` is the scheduler's integer timestep as the
         pipeline passes it."""
         dtype = next(module.parameters()).dtype
@@ -208,12 +208,13 @@ class CogVideoXBackbone(Backbone):
         return {"num_frames": self.num_frames(num_frames),
                 "max_sequence_length": self.max_sequence_length}
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames: Optional[int] = None) -> str:
         """The generic snippet with the ᾱ table as `trained_betas` computed from the pipeline's own
         scheduler in the snippet (as `use_training_grid` does) instead of a list of 1000 values."""
         import re
 
-        snippet = super().loading_snippet(weights_kind, student_location, timesteps)
+        snippet = super().loading_snippet(weights_kind, student_location, timesteps, num_frames)
         lines = [re.sub(r"trained_betas=\[[^\]]*\]", "trained_betas=betas", line)
                  if line.startswith("pipe.scheduler = ") else line for line in snippet.split("\n")]
         at = next(i for i, line in enumerate(lines) if line.startswith("pipe.scheduler = "))

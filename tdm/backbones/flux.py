@@ -175,7 +175,7 @@ class FluxBackbone(FlowMatchingBackbone):
             return cond[GUIDANCE].float()
         return torch.full((batch,), self.student_guidance, device=device, dtype=torch.float32)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 in the unpacked layout (path.x0_eps 'flow')."""
         from diffusers import FluxPipeline
 

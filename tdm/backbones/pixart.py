@@ -80,13 +80,17 @@ class PixArtBackbone(Backbone):
         return (self.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
 
     # -- network call ---------------------------------------------------------------------
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
+        """ε and, with learned σ (out_channels = 2 × in_channels), the variance channels."""
         dtype = next(module.parameters()).dtype
-        out = module(x_t.to(dtype), timestep=t,
-                     encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                     encoder_attention_mask=cond["encoder_attention_mask"],
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                     return_dict=False)[0]
+        return module(x_t.to(dtype), timestep=t,
+                      encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                      encoder_attention_mask=cond["encoder_attention_mask"],
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                      return_dict=False)[0]
+
+    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+        out = self.network_output(module, x_t, t, cond)
         if out.shape[1] == 2 * x_t.shape[1]:   # learned sigma: keep the ε channels
             out = out.chunk(2, dim=1)[0]
         return out
@@ -117,11 +121,12 @@ class PixArtBackbone(Backbone):
         return {"use_resolution_binning": False, "clean_caption": False,
                 "max_sequence_length": self.max_sequence_length}
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames=None) -> str:
         """A LoRA needs the transformer as a subclass with diffusers' PEFT mixin and
         `load_lora_adapter` (the PixArt pipelines have no LoRA loader), as `load_pipeline` does."""
         if weights_kind != "lora":
-            return super().loading_snippet(weights_kind, student_location, timesteps)
+            return super().loading_snippet(weights_kind, student_location, timesteps, num_frames)
         from ..model_card import diffusers_snippet
 
         imports = ["from diffusers import PixArtTransformer2DModel",

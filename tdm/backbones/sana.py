@@ -161,7 +161,7 @@ class SanaBackbone(FlowMatchingBackbone):
         """SD3's σ_t·1000 times the transformer's timestep_scale (SanaPipeline's input)."""
         return super().timestep(t) * self.denoiser_config.get("timestep_scale", 1.0)
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow')."""
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),

@@ -112,7 +112,7 @@ class StableDiffusionBackbone(Backbone):
         """SDXL's pooled text embeddings and time ids; none for SD1.x."""
         return None
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The UNet's raw prediction; t are the integer DDPM timesteps the UNet embeds."""
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),

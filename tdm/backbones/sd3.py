@@ -75,7 +75,7 @@ class SD3Backbone(FlowMatchingBackbone):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     # -- network call ---------------------------------------------------------------------
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow': x̂0 = x_t − σ v, ε̂ = x_t + α v)."""
         dtype = next(module.parameters()).dtype
         return module(hidden_states=x_t.to(dtype), timestep=self.timestep(t),

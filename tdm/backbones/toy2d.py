@@ -62,16 +62,21 @@ class Toy2DBackbone(Backbone):
         tdm.step_condition.set_num_steps; it starts at 4)."""
         from ..lora import LORA_WEIGHT_NAME
         lora = os.path.join(output_dir, LORA_WEIGHT_NAME)
-        if os.path.isfile(lora):
-            net = self.load_denoiser(dtype)
-            net.load_lora_adapter(lora, prefix=self.lora_prefix, adapter_name="tdm")
-            location = lora
-        else:
-            location = os.path.join(output_dir, self.denoiser_subfolder)
-            net = ToyDenoiser.from_pretrained(location, dtype=dtype)
+        kind, location = (("lora", lora) if os.path.isfile(lora)
+                          else ("full", os.path.join(output_dir, self.denoiser_subfolder)))
+        net = self.load_weights(kind, location, dtype)
         steps = find_step_embedding_file(location)
         if steps:
             apply_step_embedding(net, steps, 4)
+        return net
+
+    def load_weights(self, kind: str, location: str, dtype=torch.float32) -> torch.nn.Module:
+        """The student at `location` ("lora": a LoRA file on the teacher; "full": a ToyDenoiser
+        folder), as tdm.sampling.resolve_weights names it; without its step embedding."""
+        if kind == "full":
+            return ToyDenoiser.from_pretrained(location, dtype=dtype)
+        net = self.load_denoiser(dtype)
+        net.load_lora_adapter(location, prefix=self.lora_prefix, adapter_name="tdm")
         return net
 
     def load_text_encoders(self, device, dtype) -> None:
@@ -119,19 +124,21 @@ class Toy2DBackbone(Backbone):
         return images
 
     # -- network call ---------------------------------------------------------------------
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         dtype = next(module.parameters()).dtype
         return module(x_t.to(dtype), t, cond["class_labels"])
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames=None) -> str:
         """The toy has no diffusers pipeline: load the student with this repository's adapter and
-        roll it out on its grid (run from a checkout of this repository)."""
+        roll it out on its grid (`tdm` installed: `pip install -e .` in the checkout)."""
         output_dir = os.path.dirname(student_location)
         return "\n".join([
             "import torch",
             "from tdm.backbones import load_backbone",
             "from tdm.trajectory import StepGrid, rollout", "",
-            f"backbone = load_backbone({self.model_path!r}, \"toy2d\", options={self.options!r})",
+            f"backbone = load_backbone({os.path.abspath(self.model_path)!r}, \"toy2d\", "
+            f"options={self.options!r})",
             f"student = backbone.denoiser(backbone.load_student({output_dir!r}).eval())",
             "cond = backbone.encode_prompts([\"\"] * 1000)   # or class labels of a conditional mixture",
             "noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))",

@@ -217,7 +217,7 @@ class WanBackbone(FlowMatchingBackbone):
     # -- network call ---------------------------------------------------------------------
     # The time input σ_t·1000: FlowMatchingBackbone.timestep.
 
-    def model_output(self, module, x_t, t, cond) -> torch.Tensor:
+    def network_output(self, module, x_t, t, cond) -> torch.Tensor:
         """The velocity v = ε − x0 (path.x0_eps 'flow': x̂0 = x_t − σv, ε̂ = x_t + αv); rotary
         positions are computed inside the transformer from the latent's shape."""
         dtype = next(module.parameters()).dtype
@@ -256,13 +256,15 @@ class WanBackbone(FlowMatchingBackbone):
         pipe.scheduler = type(self.scheduler).from_config(config)
         return {"num_inference_steps": num_inference_steps}
 
-    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int]) -> str:
+    def loading_snippet(self, weights_kind: str, student_location: str, timesteps: List[int],
+                        num_frames: Optional[int] = None) -> str:
         """The model card's snippet (tdm.model_card) with the grid bound to the scheduler's
         set_timesteps, as `use_training_grid` does: WanPipeline takes no `sigmas=`."""
         from ..model_card import diffusers_snippet
 
         lines = diffusers_snippet(self, weights_kind, student_location, timesteps,
-                                  imports=["import functools"]).rstrip("\n").split("\n")
+                                  imports=["import functools"],
+                                  num_frames=num_frames).rstrip("\n").split("\n")
         at = next(i for i, line in enumerate(lines) if line.startswith("pipe.scheduler = "))
         sigmas = ", ".join(repr(round(u, 10)) for u in self.training_sigmas(timesteps))
         lines[at + 1:at + 1] = [

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import Parser
 from ..config import UsageError, yaml_mapping
 from ..path import GaussianPath
 from .mixture import GaussianMixture
@@ -57,7 +58,10 @@ def pretrain_teacher(net: ToyDenoiser, mixture: GaussianMixture, path: GaussianP
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     null = mixture.num_classes
-    for _ in range(steps):
+    from tqdm.auto import tqdm
+
+    progress = tqdm(range(steps), desc="toy teacher", unit="step", mininterval=1.0)
+    for step in progress:
         x0, component = mixture.sample(batch_size, rng)
         label = component if mixture.num_classes else torch.full_like(component, null)
         drop = torch.rand(batch_size, generator=rng) < label_dropout
@@ -72,6 +76,9 @@ def pretrain_teacher(net: ToyDenoiser, mixture: GaussianMixture, path: GaussianP
         with torch.no_grad():
             for avg, param in zip(average.parameters(), net.parameters()):
                 avg.lerp_(param, 1 - ema)
+        if step % 100 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    progress.close()
     return average
 
 
@@ -157,8 +164,8 @@ def ensure_teacher(folder: str, options: Optional[dict]) -> str:
 
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pre-train the toy2d teacher into its folder (reused "
-                                "if it holds one for the same settings).")
+    p = Parser(description="Pre-train the toy2d teacher into its folder (reused if it holds one "
+               "for the same settings).")
     p.add_argument("--config", default=None, help="A train_tdm.py YAML config (configs/toy2d.yaml): "
                    "its pretrained_model_name_or_path and backbone_options.")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="The teacher folder.")
