@@ -8,7 +8,7 @@ lora: ONE copy of the base weights. Teacher = the base without adapters; student
       only its own adapter, with the activations its own forward saw. Every network is guarded: a
       call outside a role, or an adapter or checkpoint function switched from outside, raises.
 Each call prepares its trainable weights once (tdm.call_weights: merged LoRA, or one cast of all
-full-mode weights under autocast).
+full-mode weights under autocast), and attention runs tdm.attention's lean processor.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .attention import lean_attention
 from .backbones.base import Backbone, Denoiser
 from .call_weights import MergedLoRA, WorkingCopies
 from .checkpoint import checkpointed_names, load_trainable, save_trainable
@@ -133,6 +134,8 @@ def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerato
                 torch.distributed.broadcast(param.data, src=0)
     else:
         networks = full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing, step_tables)
+    for module in networks.modules():
+        lean_attention(unwrap(module))
     return networks
 
 

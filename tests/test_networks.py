@@ -154,3 +154,23 @@ def test_cast_copies_are_autocasts_own(backbone):
     for g, want in zip(grads, grads_autocast):
         torch.testing.assert_close(g, want, rtol=0, atol=0)
 
+
+def test_lean_attention_computes_the_stock_processor(backbone):
+    """tdm.attention.LeanAttnProcessor gives the stock AttnProcessor2_0's values, with the
+    padding mask of PixArt's cross-attention, in fp32 and under bf16 autocast."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from tdm.attention import LeanAttnProcessor, lean_attention
+
+    stock = backbone.load_denoiser().requires_grad_(False)
+    lean = backbone.load_denoiser().requires_grad_(False)
+    assert lean_attention(lean) == 2 * len(lean.transformer_blocks)
+    assert all(type(m.processor) is AttnProcessor2_0 for m in stock.modules() if hasattr(m, "processor"))
+    assert all(type(m.processor) is LeanAttnProcessor for m in lean.modules() if hasattr(m, "processor"))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    assert not cond["encoder_attention_mask"].all()   # padding: the mask matters
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            want, got = (backbone.model_output(net, x, t, cond) for net in (stock, lean))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
