@@ -5,8 +5,9 @@ full: three networks — a frozen teacher in the compute dtype, student and fake
 lora: ONE copy of the base weights. Teacher = the base without adapters; student and fake
       score = two named LoRA adapters on it. Each call computes with its role's adapter as data
       of that call and its recompute only (tdm.roles, tdm.call_weights), so each update trains
-      only its own adapter, with the activations its own forward saw. Every network is guarded: a
-      call outside a role, or an adapter or checkpoint function switched from outside, raises.
+      only its own adapter, with the activations its own forward saw; the teacher and the fake
+      score at the same x_t run as one batch (`joint_call`). Every network is guarded: a call
+      outside a role, or an adapter or checkpoint function switched from outside, raises.
 Each call prepares its trainable weights once (tdm.call_weights: merged LoRA, or one cast of all
 full-mode weights under autocast), and attention runs tdm.attention's lean processor.
 """
@@ -22,6 +23,7 @@ from .attention import lean_attention
 from .backbones.base import Backbone, Denoiser
 from .call_weights import MergedLoRA, WorkingCopies
 from .checkpoint import checkpointed_names, load_trainable, save_trainable
+from .conditions import cat_conditions
 from .roles import enable_gradient_checkpointing, guard, role_scope, unwrap
 from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
                              attach_step_embeddings, detached, find_step_embeddings,
@@ -198,3 +200,32 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
                     student_params=params[STUDENT], fake_score_params=params[FAKE_SCORE],
                     student_module=base, student_adapter=STUDENT, checkpointed=dict(zip(checkpointed_names("lora"), (base,))),
                     manual_gradient_sync=True)
+
+
+def joint_call(calls: list, x: torch.Tensor, t: torch.Tensor) -> Optional[list]:
+    """[(x̂0, ε̂)] of each (denoiser, condition) in `calls`, each on its row block of (x, t), in one
+    forward of their shared network, each row block as its role (tdm.roles.Call.rows). None where
+    they cannot share one: other networks, or conditions that differ in more than step conditions
+    (which the step-embedding hook reads per block)."""
+    from .step_condition import NUM_STEPS, STEP_INDEX
+
+    denoisers = [d for d, _ in calls]
+    if not all(isinstance(d, Denoiser) and unwrap(d.module) is unwrap(denoisers[0].module)
+               and d.backbone is denoisers[0].backbone for d in denoisers):
+        return None
+    step_keys = {NUM_STEPS, STEP_INDEX}
+    keys = [set(cond) - step_keys for _, cond in calls]
+    if any(k != keys[0] for k in keys):
+        return None
+    first, backbone = denoisers[0], denoisers[0].backbone
+    rows, start = [], 0
+    for denoiser, cond in calls:
+        size = next(iter(cond.values())).shape[0]
+        rows.append((denoiser.role, start, start + size, cond))
+        start += size
+    cond = cat_conditions(*[{k: c[k] for k in keys[0]} for _, c in calls])
+    with first.scope.acting(None, None, rows=tuple(rows)):
+        out = backbone.model_output(first.module, x, t, cond)
+    x0, eps = backbone.path.x0_eps(out, x, t, backbone.prediction_type)
+    sizes = [stop - start for _, start, stop, _ in rows]
+    return list(zip(x0.split(sizes), eps.split(sizes)))

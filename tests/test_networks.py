@@ -174,3 +174,30 @@ def test_lean_attention_computes_the_stock_processor(backbone):
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             want, got = (backbone.model_output(net, x, t, cond) for net in (stock, lean))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_joint_call_is_each_role_on_its_rows(backbone):
+    """One forward of the teacher's CFG rows and the fake score's rows on the shared base
+    (tdm.networks.joint_call) gives each role's own call, with a step condition on one block."""
+    from tdm.networks import joint_call
+    from tdm.step_condition import STEP_INDEX
+
+    nets = lora_networks(backbone, torch.float64, "cpu", rank=4, alpha=8.0, gradient_checkpointing=False,
+                         step_tables={"fake_score": {STEP_INDEX: 5}})
+    nets.student_module.double()
+    perturb(nets.student_params, 0)
+    perturb(nets.fake_score_params, 1)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    t = torch.tensor([300, 700])
+    cond = {k: v.double() if v.is_floating_point() else v for k, v in backbone.encode_prompts(PROMPTS[:2]).items()}
+    uncond = {k: v.double() if v.is_floating_point() else v for k, v in backbone.encode_prompts(["", ""]).items()}
+    fake_cond = {**cond, STEP_INDEX: torch.tensor([1, 3])}
+    calls = [(nets.teacher, cond), (nets.teacher, uncond), (nets.fake_score, fake_cond)]
+    with torch.no_grad():
+        joint = joint_call(calls, torch.cat([x] * 3), torch.cat([t] * 3))
+        separate = [denoiser(x, t, c) for denoiser, c in calls]
+        other_k = nets.fake_score(x, t, {**cond, STEP_INDEX: torch.tensor([2, 2])})[0]
+    assert (separate[2][0] - other_k).abs().max() > 1e-6   # the step condition matters
+    for (x0, eps), (want_x0, want_eps) in zip(joint, separate):
+        torch.testing.assert_close(x0, want_x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eps, want_eps, rtol=1e-12, atol=1e-12)
