@@ -29,8 +29,8 @@ from datetime import date
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RESOLUTION = {"tiny": 32, "medium": 64, "full": 512}
-LORA_RANK = {"tiny": 4, "medium": 64, "full": 64}   # at most the narrowest layer (tiny: width 16)
+RESOLUTION = {"tiny": 32, "medium": 64, "deep": 32, "full": 512}
+LORA_RANK = {"tiny": 4, "medium": 64, "deep": 16, "full": 64}   # at most the narrowest layer (tiny: 16)
 
 
 def parse(argv=None):
@@ -41,6 +41,8 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iterations", type=int, default=10, help="Timed iterations (median reported).")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--count_iterations", type=int, default=4,
+                   help="Iterations whose device operations are counted (mean reported).")
     p.add_argument("--mixed_precision", default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--extra", default="", help="More train_tdm.py flags, e.g. '--full_rollout'.")
@@ -76,20 +78,25 @@ class Counters:
             params[0].register_hook(lambda grad, role=role: self._backward(role))
 
     @staticmethod
-    def role(module) -> str:
-        """Whose call is running on `module` (its role scope; a call without one is the
-        teacher's in full mode)."""
-        from tdm.roles import TEACHER, role_scope
+    def row_roles(module, rows: int) -> list:
+        """[(role, rows)] of the call running on `module` (its role scope): one role, or each
+        role's row block of a call of several roles on one batch."""
+        from tdm.roles import role_scope
 
-        return role_scope(module).current[0] or TEACHER
+        call = role_scope(module).current
+        blocks = getattr(call, "rows", ())
+        if blocks:
+            return [(role, stop - start) for role, start, stop, _ in blocks]
+        return [(call[0], rows)]
 
-    enabled = True   # off after the timed iterations (the FLOP/sync passes are not counted)
+    enabled = True   # off after the counted iterations (the FLOP/sync passes are not counted)
 
     def _forward(self, module, args, kwargs):
         if not self.enabled:
             return
         x = args[0] if args else kwargs["hidden_states"]
-        self.rows[self.role(module)] += x.shape[0]
+        for role, rows in self.row_roles(module, x.shape[0]):
+            self.rows[role] += rows
 
     def _backward(self, role):
         if not self.enabled:
@@ -166,6 +173,60 @@ def count_syncs(run_iteration, device) -> dict:
     host_calls = {f"{op} {file}:{fn}": n for (kind, op, file, fn), n in calls.items() if kind == "host"}
     return {"device_syncs": sum(device_calls.values()), "device_sync_sites": device_calls,
             "host_reads": sum(host_calls.values()), "host_read_sites": host_calls}
+
+
+# Ops that launch no device kernel: allocations without a fill, and detach (views are found by
+# their schema and by their output sharing an input's storage).
+NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach"}
+
+
+def launches(func, args, out) -> bool:
+    """Whether an aten op launches device work: not a view (an output that aliases an input
+    without writing it, by schema or by storage) and not an allocation or detach."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    if func.__name__.split(".")[0] in NO_LAUNCH or func.is_view:
+        return False
+    if func._schema.is_mutable:
+        return True
+    inputs = {t.untyped_storage().data_ptr() for t in tree_leaves(args)
+              if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return not (outputs and all(t.untyped_storage().data_ptr() in inputs for t in outputs))
+
+
+def count_launches(run_iteration, iterations: int) -> dict:
+    """Device operations per iteration, counted outside the code: every aten op dispatched
+    outside optimizer.step (CPU AdamW is a loop over tensors, CUDA's is fused), split into
+    those that launch work (`launches`) and all of them, with the most frequent launches."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launched, every, in_step = Counter(), [0], [False]
+
+    class Launches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not in_step[0]:
+                every[0] += 1
+                if launches(func, args, out):
+                    launched[func.__name__] += 1
+            return out
+
+    hooks = [register_optimizer_step_pre_hook(lambda *a: in_step.__setitem__(0, True)),
+             register_optimizer_step_post_hook(lambda *a: in_step.__setitem__(0, False))]
+    try:
+        with Launches():
+            for _ in range(iterations):
+                run_iteration()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"launch_ops_per_iteration": sum(launched.values()) / iterations,
+            "all_ops_per_iteration": every[0] / iterations,
+            "launch_ops_top": {op: n / iterations for op, n in launched.most_common(12)}}
 
 
 def count_flops(run_iteration) -> float:
@@ -252,13 +313,16 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    timed_rows = sum(counters.rows.values())
+    launch_counts = count_launches(iteration, args.count_iterations)
+    counted_rows = sum(counters.rows.values()) - timed_rows
     counters.enabled = False
     device = run.accelerator.device
     batch = next_batch()   # the data loader's own host work stays outside the count
     syncs = count_syncs(lambda: iteration(batch), device)
     flops = count_flops(iteration)
     busy = gpu_busy_fraction(iteration) if device.type == "cuda" else None
-    per_sample = {role: counters.rows[role] / (args.iterations * args.batch)
+    per_sample = {role: counters.rows[role] / ((args.iterations + args.count_iterations) * args.batch)
                   for role in ("teacher", "student", "fake_score")}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     seconds = statistics.median(times)
@@ -272,9 +336,11 @@ def worker(args) -> dict:
         "denoiser_params_M": round(max(params.values()) / 1e6, 1),
         "forward_rows_per_sample": {k: round(v, 3) for k, v in per_sample.items()},
         "forward_rows_per_sample_total": round(sum(per_sample.values()), 3),
-        "backward_passes_per_iteration": {k: counters.backwards[k] / args.iterations
+        "backward_passes_per_iteration": {k: counters.backwards[k] / (args.iterations + args.count_iterations)
                                           for k in ("student", "fake_score")},
         "seconds_per_iteration": round(seconds, 4),
+        **launch_counts,
+        "forward_rows_per_sample_counted": round(counted_rows / (args.count_iterations * args.batch), 3),
         "tflop_per_iteration": round(flops / 1e12, 4),
         "achieved_tflops": round(achieved, 3),
         "mfu": round(achieved / peak, 4) if peak else None,
@@ -318,7 +384,7 @@ def main(argv=None):
     for mode in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--size", args.size, "--train_mode",
                mode, "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup",
-               str(args.warmup), "--mixed_precision", args.mixed_precision, f"--extra={args.extra}"]
+               str(args.warmup), "--count_iterations", str(args.count_iterations), "--mixed_precision", args.mixed_precision, f"--extra={args.extra}"]
         if args.peak_tflops:
             cmd += ["--peak_tflops", str(args.peak_tflops)]
         if args.gradient_checkpointing:

@@ -110,9 +110,9 @@ class Iteration:
         n = tdm.randn(x0.shape, x0.device)
         with torch.no_grad():
             x_t, _ = diffuse(tdm.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
-            x0_real = tdm.teacher_x0(teacher, x_t, draw.t, self.cond, self.uncond)
-            x0_fake, _ = fake_score(x_t, draw.t,
-                                    tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
+            x0_real, x0_fake = tdm.teacher_and_fake_score_x0(
+                teacher, fake_score, x_t, draw.t, self.cond, self.uncond,
+                tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
         return tdm.student_objective(x0, x0_real, x0_fake)
 
 
@@ -200,11 +200,38 @@ class TDM:
     def teacher_x0(self, teacher: DenoiserFn, x_t, t, cond: dict, uncond: dict) -> torch.Tensor:
         """CFG teacher prediction (§5); both branches in one batched forward, one if cfg == 1.
         A guidance-embedded teacher (§5.1) is called once, with cfg as its guidance input."""
+        conds = self.teacher_conditions(x_t, cond, uncond)
+        if len(conds) == 1:
+            return teacher(x_t, t, conds[0])[0]
+        x0 = teacher(torch.cat([x_t] * len(conds)), torch.cat([t] * len(conds)), cat_conditions(*conds))[0]
+        return self.guided(x0.chunk(len(conds)))
+
+    @torch.no_grad()
+    def teacher_and_fake_score_x0(self, teacher: DenoiserFn, fake_score: DenoiserFn, x_t, t,
+                                  cond: dict, uncond: dict, fake_score_cond: dict) -> tuple:
+        """(CFG teacher x̂0, fake-score x̂0) at the same x_t: one forward where both are roles of
+        one network (LoRA: the teacher's rows without adapters, the fake score's with its own,
+        tdm.networks.joint_call), else one call each."""
+        from .networks import joint_call
+
+        conds = self.teacher_conditions(x_t, cond, uncond)
+        calls = [(teacher, c) for c in conds] + [(fake_score, fake_score_cond)]
+        outputs = joint_call(calls, torch.cat([x_t] * len(calls)), torch.cat([t] * len(calls)))
+        if outputs is None:
+            return (self.teacher_x0(teacher, x_t, t, cond, uncond),
+                    fake_score(x_t, t, fake_score_cond)[0])
+        return self.guided([x0 for x0, _ in outputs[:-1]]), outputs[-1][0]
+
+    def teacher_conditions(self, x_t, cond: dict, uncond: dict) -> list:
+        """The teacher's conditions at x_t: (prompt, empty prompt) for CFG, one for cfg == 1; a
+        guidance-embedded teacher (§5.1) takes cfg as its guidance input."""
         if self.config.guidance_embedding:
             guidance = torch.full((x_t.shape[0],), self.config.cfg, device=x_t.device)
-            return teacher(x_t, t, {**cond, GUIDANCE: guidance})[0]
-        if self.config.cfg == 1.0:
-            return teacher(x_t, t, cond)[0]
-        x0 = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, uncond))[0]
-        x0_cond, x0_uncond = x0.chunk(2)
-        return classifier_free_guidance(x0_cond, x0_uncond, self.config.cfg)
+            return [{**cond, GUIDANCE: guidance}]
+        return [cond] if self.config.cfg == 1.0 else [cond, uncond]
+
+    def guided(self, x0s: list) -> torch.Tensor:
+        """The teacher's x̂0 from its predictions under `teacher_conditions` (§5)."""
+        if len(x0s) == 1:
+            return x0s[0]
+        return classifier_free_guidance(x0s[0], x0s[1], self.config.cfg)

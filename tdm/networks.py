@@ -2,11 +2,14 @@
 
 full: three networks — a frozen teacher in the compute dtype, student and fake score as full
       fp32 copies initialised from it (the upstream demo), wrapped for data parallelism.
-lora: ONE copy of the base weights. Teacher = the base with adapters disabled; student and fake
-      score = two named LoRA adapters on it. Each call selects its role's adapter for that call
-      and its recompute only (tdm.roles), so each update trains only its own adapter, with the
-      activations its own forward saw. Every network is guarded: a call outside a role, or an
-      adapter or checkpoint function switched from outside, raises.
+lora: ONE copy of the base weights. Teacher = the base without adapters; student and fake
+      score = two named LoRA adapters on it. Each call computes with its role's adapter as data
+      of that call and its recompute only (tdm.roles, tdm.call_weights), so each update trains
+      only its own adapter, with the activations its own forward saw; the teacher and the fake
+      score at the same x_t run as one batch (`joint_call`). Every network is guarded: a call
+      outside a role, or an adapter or checkpoint function switched from outside, raises.
+Each call prepares its trainable weights once (tdm.call_weights: merged LoRA, or one cast of all
+full-mode weights under autocast), and attention runs tdm.attention's lean processor.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .attention import lean_attention
 from .backbones.base import Backbone, Denoiser
+from .call_weights import MergedLoRA, WorkingCopies
 from .checkpoint import checkpointed_names, load_trainable, save_trainable
-from .roles import enable_gradient_checkpointing, guard, role_scope
+from .conditions import cat_conditions
+from .roles import enable_gradient_checkpointing, guard, role_scope, unwrap
 from .step_condition import (FAKE_SCORE, STEP_EMBEDDING_NAME, STUDENT, TEACHER,
                              attach_step_embeddings, detached, find_step_embeddings,
                              save_step_tables, split_state)
@@ -128,8 +134,11 @@ def build_networks(backbone: Backbone, train_mode: str, weight_dtype, accelerato
         if accelerator.num_processes > 1:   # what DDP would do: every rank starts from rank 0's init
             for param in networks.student_params + networks.fake_score_params:
                 torch.distributed.broadcast(param.data, src=0)
-        return networks
-    return full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing, step_tables)
+    else:
+        networks = full_networks(backbone, weight_dtype, accelerator, gradient_checkpointing, step_tables)
+    for module in networks.modules():
+        lean_attention(unwrap(module))
+    return networks
 
 
 def full_networks(backbone: Backbone, weight_dtype, accelerator,
@@ -148,6 +157,9 @@ def full_networks(backbone: Backbone, weight_dtype, accelerator,
     for net in (teacher, student_wrapped, fake_score_wrapped):   # only through their roles
         guard(net)
     sharded = accelerator.distributed_type.value == "FSDP"
+    if not sharded:   # FSDP casts its shards itself (its mixed precision)
+        for net in copies:
+            role_scope(net).weights = WorkingCopies(role_scope(net), unwrap(net))
     # accelerate pairs the i-th prepared optimiser with the i-th model when it saves sharded
     # states: train_tdm.build prepares the student's optimiser first, then the fake score's.
     return Networks(
@@ -173,7 +185,8 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
         attach_lora(base, rank, alpha, backbone.lora_target_modules, adapter_name=adapter)
     base.to(device).train()
     attach_step_embeddings(base, backbone.step_embedding_site, step_tables or {})
-    role_scope(base)   # created once every adapter is attached: it reads the LoRA layers
+    scope = role_scope(base)   # created once every adapter is attached: it reads the LoRA layers
+    scope.weights = MergedLoRA(scope, scope.layers, (STUDENT, FAKE_SCORE))
     if gradient_checkpointing:
         enable_gradient_checkpointing(base)
     guard(base)   # the shared base runs only through its roles
@@ -187,3 +200,32 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
                     student_params=params[STUDENT], fake_score_params=params[FAKE_SCORE],
                     student_module=base, student_adapter=STUDENT, checkpointed=dict(zip(checkpointed_names("lora"), (base,))),
                     manual_gradient_sync=True)
+
+
+def joint_call(calls: list, x: torch.Tensor, t: torch.Tensor) -> Optional[list]:
+    """[(x̂0, ε̂)] of each (denoiser, condition) in `calls`, each on its row block of (x, t), in one
+    forward of their shared network, each row block as its role (tdm.roles.Call.rows). None where
+    they cannot share one: other networks, or conditions that differ in more than step conditions
+    (which the step-embedding hook reads per block)."""
+    from .step_condition import NUM_STEPS, STEP_INDEX
+
+    denoisers = [d for d, _ in calls]
+    if not all(isinstance(d, Denoiser) and unwrap(d.module) is unwrap(denoisers[0].module)
+               and d.backbone is denoisers[0].backbone for d in denoisers):
+        return None
+    step_keys = {NUM_STEPS, STEP_INDEX}
+    keys = [set(cond) - step_keys for _, cond in calls]
+    if any(k != keys[0] for k in keys):
+        return None
+    first, backbone = denoisers[0], denoisers[0].backbone
+    rows, start = [], 0
+    for denoiser, cond in calls:
+        size = next(iter(cond.values())).shape[0]
+        rows.append((denoiser.role, start, start + size, cond))
+        start += size
+    cond = cat_conditions(*[{k: c[k] for k in keys[0]} for _, c in calls])
+    with first.scope.acting(None, None, rows=tuple(rows)):
+        out = backbone.model_output(first.module, x, t, cond)
+    x0, eps = backbone.path.x0_eps(out, x, t, backbone.prediction_type)
+    sizes = [stop - start for _, start, stop, _ in rows]
+    return list(zip(x0.split(sizes), eps.split(sizes)))

@@ -2,9 +2,12 @@
 of one call, and activation recompute that re-enters the scope its forward ran in.
 
 In LoRA mode the three roles share one base network: the role selects the LoRA adapter (the
-teacher: adapters off) and, where the network has them, the role's step embedding (docs/method.md §6).
+teacher: none) and, where the network has them, the role's step embedding (docs/method.md §6).
+The adapter is data of the call, not module state: each call carries the weights it computes
+with (tdm.call_weights: the role's adapters merged into the base, or per row block for a call of
+several roles on one batch), and the adapted layers read them from the call.
 A call without a role (a loaded student, a plain network) leaves the module as it is; on a
-training network (`guard`, tdm.networks) it is an error, and so are LoRA adapters or a
+training network (`guard`, tdm.networks) it is an error, and so are peft's adapter switches or a
 checkpoint function changed from outside the scope (peft's set_adapter, diffusers' own
 enable_gradient_checkpointing, reentrant or FSDP activation checkpointing), verified at every
 call and recompute. A role is never a setting that outlives a call:
@@ -17,7 +20,7 @@ backward, possibly long after other roles ran (the student update calls the stud
 teacher and the fake score, then runs backward). `RoleScope.checkpoint` is the model's
 checkpoint function: it records the role when the block runs forward and re-enters exactly that
 role for the recompute, so backward always rebuilds the activations the forward saw, whatever
-ran in between. The same holds for:
+ran in between, with the very weights the forward used. The same holds for:
 - DDP: wrappers own no role; `role_scope` looks through them to the module.
 - FSDP: with --gradient_checkpointing it recomputes through the model's own checkpoint
   function, i.e. this one (FSDP's own activation checkpointing would wrap blocks with torch's
@@ -28,7 +31,7 @@ ran in between. The same holds for:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -55,24 +58,38 @@ def role_lora_layers(module: torch.nn.Module) -> list:
             and {STUDENT, FAKE_SCORE} & set(getattr(m, "lora_A", {}))]
 
 
+class Call(NamedTuple):
+    """One call of a network: its role and condition; for a call of several roles on row
+    blocks of one batch, `rows` = ((role, start, stop, condition), ...); and the per-layer
+    weights it computes with (tdm.call_weights; None: the layers' own)."""
+    role: Optional[str]
+    cond: Optional[dict]
+    rows: tuple = ()
+    weights: Optional[list] = None
+
+
+JOINT = "joint"   # the role of a call of several roles on row blocks (Call.rows)
+
+
 class RoleError(RuntimeError):
     """A training network used outside its role scope: the call would silently run another
     role's adapter, step embedding or activations."""
 
 
 class RoleScope:
-    """The role of the call in progress on one network (None outside calls), and the role
-    adapter its LoRA layers have selected, switched only when a call needs another one."""
+    """The call in progress on one network (None outside calls) and, where the network has
+    them, what prepares each call's weights (`weights`, tdm.call_weights)."""
 
     def __init__(self, module: torch.nn.Module):
         self.layers = role_lora_layers(module)
         # the LoRA weights that train: peft's adapter switch turns their requires_grad off
         self.trainable = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
-        self.current: Optional[tuple] = None     # (role, condition) during a call
+        self.current: Optional[Call] = None      # during a call
         self.fixed: Optional[tuple] = None       # inference: the step condition of a stock call
-        self._adapter = "unset"                  # what the LoRA layers have selected
+        self.weights = None                      # tdm.call_weights: MergedLoRA or WorkingCopies
         self.guarded = False                     # a training network: see guard()
         self._checkpointing: list = []           # its modules that can checkpoint (diffusers)
+        self._peft_state: Optional[list] = None  # peft's adapter fields as guard() found them
 
     def guard(self, module: torch.nn.Module) -> None:
         """Make `module` (a training network, unwrapped) refuse what would run a wrong role
@@ -85,6 +102,7 @@ class RoleScope:
                             "which recomputes under whatever role is active in backward: use "
                             "--gradient_checkpointing (and fsdp_activation_checkpointing: false)")
         self._checkpointing = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+        self._peft_state = self._peft_fields()
         if not self.guarded:
             module.register_forward_pre_hook(self._refuse_outside_a_role)
         self.guarded = True
@@ -95,61 +113,53 @@ class RoleScope:
             raise RoleError(f"{type(module).__name__} is a training network: call it through its "
                             "role's Denoiser (tdm.networks.Networks), not directly")
 
+    def _peft_fields(self) -> list:
+        # peft's own fields, as set_adapter / enable_adapters leave them (the properties cost 3×)
+        return [(layer._disable_adapters, layer._active_adapter) for layer in self.layers]
+
     def _verify(self) -> None:
-        """The checkpoint function is this scope's and the LoRA layers hold the adapter this
-        scope selected: anything else was changed from outside and would run a wrong role."""
+        """The checkpoint function is this scope's, peft's adapter fields are as they were built
+        and the adapters still train: anything else was changed from outside (the calls compute
+        with their own adapters whatever peft selects, but peft's switch turns training off)."""
         for m in self._checkpointing:
             if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) != self.checkpoint:
                 raise RoleError(f"gradient checkpointing of {type(m).__name__} was enabled by another "
                                 "route than tdm.roles.enable_gradient_checkpointing: its recompute would "
                                 "run under whatever role is active in backward")
-        if self._adapter == "unset":
+        if self._peft_state is None:
             return
-        # peft's own fields, as set_adapter / enable_adapters leave them (the properties cost 3×)
-        if self._adapter == TEACHER:
-            switched = not all(layer._disable_adapters for layer in self.layers)
-        else:
-            selected = [self._adapter]
-            switched = any(layer._disable_adapters or layer._active_adapter != selected
-                           for layer in self.layers)
-        if switched or not all(p.requires_grad for p in self.trainable):
+        if self._peft_fields() != self._peft_state or not all(p.requires_grad for p in self.trainable):
             raise RoleError("the LoRA adapters of a training network were switched outside its role "
-                            f"scope (it had selected {self._adapter!r}): use the role's Denoiser")
+                            "scope: use the role's Denoiser")
 
     def step_condition(self) -> tuple:
         """(role, condition) whose step embedding a forward adds now: the call's role, or the
         fixed inference condition for calls without one (a stock pipeline, a loaded student)."""
-        if self.current is not None and self.current[0] is not None:
-            return self.current
+        if self.current is not None and self.current.role is not None:
+            return self.current.role, self.current.cond
         return self.fixed or (None, None)
 
     @contextlib.contextmanager
-    def acting(self, role: Optional[str], cond: Optional[dict]):
-        previous, self.current = self.current, (role, cond)
-        self._select_adapter(role)
+    def acting(self, role: Optional[str], cond: Optional[dict], rows: tuple = ()):
+        """A call of `role` with condition `cond`; or with `rows` = ((role, start, stop, cond),
+        ...) a call of several roles, each on its row block of the batch (role JOINT)."""
+        if self.guarded:
+            self._verify()
+        if rows:
+            role, cond = JOINT, None
+        weights = self.weights.for_call(role, rows) if self.weights is not None else None
+        with self._entered(Call(role, cond, rows, weights), verify=False):
+            yield
+
+    @contextlib.contextmanager
+    def _entered(self, call: Call, verify: bool = True):
+        if verify and self.guarded:
+            self._verify()
+        previous, self.current = self.current, call
         try:
             yield
         finally:
             self.current = previous
-            if previous is not None:
-                self._select_adapter(previous[0])
-
-    def _select_adapter(self, role: Optional[str]) -> None:
-        if self.guarded:
-            self._verify()
-        if role is None or not self.layers or role == self._adapter:
-            return
-        for layer in self.layers:
-            if role == TEACHER:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(role)
-        # peft's switches also turn requires_grad off for the other adapters; a leaf whose flag is
-        # off when backward reaches it silently gets no gradient, so the flags are put back.
-        for param in self.trainable:
-            param.requires_grad_(True)
-        self._adapter = role
 
     def checkpoint(self, block, *args, **kwargs):
         """Gradient checkpointing of `block` whose recompute runs under the role of its forward
@@ -163,11 +173,12 @@ class RoleScope:
                                                  context_fn=self._recompute_context, **kwargs)
 
     def _recompute_context(self):
-        # called when the block runs forward: the role of that forward is captured here
+        # called when the block runs forward: the call of that forward (role, condition and
+        # weights) is captured here and re-entered for the recompute
         captured = self.current
         if captured is None:
             return contextlib.nullcontext(), contextlib.nullcontext()
-        return contextlib.nullcontext(), self.acting(*captured)
+        return contextlib.nullcontext(), self._entered(captured)
 
 
 def role_scope(module: torch.nn.Module) -> RoleScope:

@@ -53,6 +53,12 @@ class StepEmbeddings(torch.nn.ModuleDict):
         self.site = site
 
     def add_to(self, scope, module, inputs, output):
+        call = scope.current
+        if call is not None and call.rows:   # a call of several roles: each on its row block
+            for role, start, stop, cond in call.rows:
+                if role in self:
+                    output[start:stop] += self[role](cond).to(output.dtype)
+            return output
         role, cond = scope.step_condition()
         if role not in self:
             return output          # teacher, or a role without a step condition

@@ -2,7 +2,7 @@
 import torch
 
 from tdm.method import TDM, TDMConfig, TrainingRNG
-from tdm.networks import lora_networks
+from tdm.networks import build_networks, lora_networks
 from tdm.trajectory import StepGrid
 
 PROMPTS = ["a red cat on a mat", "a blue boat at sea", "a green tree", "a yellow bird"]
@@ -85,8 +85,9 @@ def test_shared_step_draw_reuses_k(backbone):
 
 def test_recompute_runs_under_the_role_of_its_forward(backbone):
     """The student update's order: student forward, teacher and fake-score calls, backward.
-    With checkpointing, every block recomputed in backward sees the student's role and adapter,
-    and outside calls no role is set."""
+    With checkpointing, every block recomputed in backward runs as the student, with the very
+    weights of the student's forward (its adapter merged into the base), and outside calls no
+    role is set; the teacher computes with the base alone."""
     from tdm.roles import role_scope
     from tdm.step_condition import STUDENT, TEACHER
 
@@ -97,21 +98,106 @@ def test_recompute_runs_under_the_role_of_its_forward(backbone):
     seen = []
     block = base.transformer_blocks[0]
     block.register_forward_pre_hook(lambda m, a: seen.append(
-        (torch.is_grad_enabled(), scope.current[0], m.attn1.to_q.active_adapters[0],
-         m.attn1.to_q.disable_adapters)))
+        (torch.is_grad_enabled(), scope.current.role, scope.current.weights)))
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
     cond = backbone.encode_prompts(PROMPTS[:2])
     x0, _ = nets.student(x, t, cond)
+    (_, _, forward_weights), = seen
     assert scope.current is None
+    to_q = block.attn1.to_q
+    merged = forward_weights[scope.layers.index(to_q)]
+    A, B = to_q.lora_A[STUDENT].weight, to_q.lora_B[STUDENT].weight
+    torch.testing.assert_close(merged, to_q.base_layer.weight + to_q.scaling[STUDENT] * B @ A)
     with torch.no_grad():
         nets.teacher(x, t, cond)
         nets.fake_score(x, t, cond)
     seen.clear()
     x0.square().mean().backward()
-    assert seen == [(True, STUDENT, STUDENT, False)]   # one recompute, as the student
+    assert len(seen) == 1 and seen[0][:2] == (True, STUDENT)   # one recompute, as the student,
+    assert seen[0][2] is forward_weights                       # with its forward's weights
     assert scope.current is None
     assert all(p.grad is None for p in nets.fake_score_params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student_params)
     seen.clear()
     nets.teacher(x, t, cond)
-    assert seen[0][1:] == (TEACHER, STUDENT, True)   # teacher: adapters off
+    assert seen[0][1:] == (TEACHER, None)   # teacher: the base's own weights
+
+
+def test_cast_copies_are_autocasts_own(backbone):
+    """Full mode under bf16 autocast: each call casts the trainable Linear/Conv weights together
+    (tdm.call_weights.WorkingCopies) instead of autocast casting each at each use; the forward and
+    every gradient are bitwise what autocast alone computes."""
+    from tdm.roles import role_scope
+    from test_roles import CPU
+
+    nets = build_networks(backbone, "full", torch.bfloat16, CPU(), gradient_checkpointing=True)
+    scope = role_scope(nets.student.module)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(PROMPTS[:2])
+
+    def call():
+        for p in nets.student_params:
+            p.grad = None
+        with torch.autocast("cpu", torch.bfloat16):
+            x0, _ = nets.student(x, t, cond)
+        x0.square().mean().backward()
+        return x0.detach(), [p.grad.clone() for p in nets.student_params]
+
+    copies = scope.weights
+    with torch.autocast("cpu", torch.bfloat16):   # the copies exist only under autocast
+        assert all(w.dtype == torch.bfloat16 for w, _ in copies.for_call(None, ()))
+    assert copies.for_call(None, ()) is None
+    x0, grads = call()
+    scope.weights = None   # autocast casts each weight itself
+    x0_autocast, grads_autocast = call()
+    torch.testing.assert_close(x0, x0_autocast, rtol=0, atol=0)
+    for g, want in zip(grads, grads_autocast):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_lean_attention_computes_the_stock_processor(backbone):
+    """tdm.attention.LeanAttnProcessor gives the stock AttnProcessor2_0's values, with the
+    padding mask of PixArt's cross-attention, in fp32 and under bf16 autocast."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from tdm.attention import LeanAttnProcessor, lean_attention
+
+    stock = backbone.load_denoiser().requires_grad_(False)
+    lean = backbone.load_denoiser().requires_grad_(False)
+    assert lean_attention(lean) == 2 * len(lean.transformer_blocks)
+    assert all(type(m.processor) is AttnProcessor2_0 for m in stock.modules() if hasattr(m, "processor"))
+    assert all(type(m.processor) is LeanAttnProcessor for m in lean.modules() if hasattr(m, "processor"))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(PROMPTS[:2])
+    assert not cond["encoder_attention_mask"].all()   # padding: the mask matters
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            want, got = (backbone.model_output(net, x, t, cond) for net in (stock, lean))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_joint_call_is_each_role_on_its_rows(backbone):
+    """One forward of the teacher's CFG rows and the fake score's rows on the shared base
+    (tdm.networks.joint_call) gives each role's own call, with a step condition on one block."""
+    from tdm.networks import joint_call
+    from tdm.step_condition import STEP_INDEX
+
+    nets = lora_networks(backbone, torch.float64, "cpu", rank=4, alpha=8.0, gradient_checkpointing=False,
+                         step_tables={"fake_score": {STEP_INDEX: 5}})
+    nets.student_module.double()
+    perturb(nets.student_params, 0)
+    perturb(nets.fake_score_params, 1)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    t = torch.tensor([300, 700])
+    cond = {k: v.double() if v.is_floating_point() else v for k, v in backbone.encode_prompts(PROMPTS[:2]).items()}
+    uncond = {k: v.double() if v.is_floating_point() else v for k, v in backbone.encode_prompts(["", ""]).items()}
+    fake_cond = {**cond, STEP_INDEX: torch.tensor([1, 3])}
+    calls = [(nets.teacher, cond), (nets.teacher, uncond), (nets.fake_score, fake_cond)]
+    with torch.no_grad():
+        joint = joint_call(calls, torch.cat([x] * 3), torch.cat([t] * 3))
+        separate = [denoiser(x, t, c) for denoiser, c in calls]
+        other_k = nets.fake_score(x, t, {**cond, STEP_INDEX: torch.tensor([2, 2])})[0]
+    assert (separate[2][0] - other_k).abs().max() > 1e-6   # the step condition matters
+    for (x0, eps), (want_x0, want_eps) in zip(joint, separate):
+        torch.testing.assert_close(x0, want_x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eps, want_eps, rtol=1e-12, atol=1e-12)

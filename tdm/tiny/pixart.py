@@ -41,7 +41,8 @@ PIXART_SCHEDULER_CONFIG = dict(
 
 
 # Sizes for benchmarks: "medium" is PixArt-shaped with ~60 M transformer parameters (CPU-able);
-# "full" is the PixArt-XL-2-512x512 transformer architecture (610 M) with a T5 of width 4096,
+# "deep" has PixArt-XL's 28 blocks but 2 heads × 32 wide, to count the device operations of an
+# iteration on a CPU (they depend on depth, not width); "full" is the PixArt-XL-2-512x512 transformer architecture (610 M) with a T5 of width 4096,
 # random weights, for GPU benchmarks. Text encoder and VAE stay small in every size.
 SIZES = {
     "tiny": dict(transformer=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8,
@@ -50,6 +51,9 @@ SIZES = {
     "medium": dict(transformer=dict(num_layers=14, num_attention_heads=8, attention_head_dim=64,
                                     cross_attention_dim=512, sample_size=32),
                    t5_d_model=32, vae_channels=(8, 16)),
+    "deep": dict(transformer=dict(num_layers=28, num_attention_heads=2, attention_head_dim=32,
+                                  cross_attention_dim=64, sample_size=16),
+                 t5_d_model=32, vae_channels=(8, 16)),
     "full": dict(transformer=dict(num_layers=28, num_attention_heads=16, attention_head_dim=72,
                                   cross_attention_dim=1152, sample_size=64),
                  t5_d_model=4096, vae_channels=(8, 16, 32, 32)),
