@@ -29,18 +29,16 @@ from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, P
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from tdm.backbones import load_backbone
-from tdm.checkpoint import remove_incomplete
-from tdm.checks import model_error
+from tdm.backbones import load_for_training
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
-                        check_output_dir, parse_args, save_resolved_config)
+                        check_output_dir, parse_args)
 from tdm.data import load_prompts
 from tdm.ema import StudentEMA
 from tdm.embedding_cache import prompt_encoder
 from tdm.method import TDM, TDMConfig, TrainingRNG
 from tdm.model_card import write_model_card
 from tdm.networks import build_networks
-from tdm.run_folder import clear_previous_run, plan_start
+from tdm.run_folder import plan_start, start_in_folder
 from tdm.step_condition import step_tables
 from tdm.survival import (Survival, TrainingStopped, all_finite, checkpoint_files, load_checkpoint,
                           lost_peer, lost_peer_message, register_checkpoint_hooks, student_checksums)
@@ -93,7 +91,7 @@ def build(args):
                          f"({args.train_batch_size} × {accelerator.num_processes} processes)")
 
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
-    backbone, guidance_embedding = load_checked_backbone(args, grid)
+    backbone, guidance_embedding = load_for_training(args, grid)
     networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
                               args.lora_alpha, args.gradient_checkpointing,
                               step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
@@ -160,30 +158,6 @@ def make_accelerator(args):
         # a collective whose peer died or hangs fails after this long instead of blocking forever
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
-
-
-def load_checked_backbone(args, grid):
-    """The backbone of --pretrained_model_name_or_path, refused in one line where the flags do not
-    fit it; returns it and the guidance embedding the student is trained with."""
-    try:
-        backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
-                                 args.variant, args.backbone_options, args.resolution)
-    except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
-        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-                          error) from None
-    try:
-        backbone.check_fit(args)
-        guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
-        raise UsageError("--export_format kohya needs --train_mode lora on a UNet backbone (SD1.x, SDXL)")
-    if args.max_sequence_length:
-        backbone.max_sequence_length = args.max_sequence_length
-    if grid.timesteps[0] >= backbone.path.num_timesteps:
-        raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
-                         f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
-    return backbone, guidance_embedding
 
 
 def enable_xformers(nets, accelerator):
@@ -369,24 +343,6 @@ def main(args) -> int:
         write_model_card(args.output_dir, backbone, args)   # README.md beside the export
     accelerator.end_training()
     return 0
-
-
-def start_in_folder(accelerator, args) -> None:
-    """The main process clears a replaced run (--overwrite_output_dir), removes a save cut short,
-    writes config.yaml and starts the trackers; no rank writes into the folder before that."""
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            removed = clear_previous_run(args.output_dir, args.logging_dir)
-            if removed:
-                logger.info("--overwrite_output_dir: deleted the previous run's %s",
-                            ", ".join(os.path.relpath(path, args.output_dir) for path in removed))
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_incomplete(args.output_dir)
-        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
-        tracker_config = {k: v for k, v in vars(args).items()
-                          if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
-    accelerator.wait_for_everyone()
 
 
 def append_line(path: str, record: dict) -> None:
