@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import sys
 from types import SimpleNamespace
@@ -41,7 +40,8 @@ from tdm.networks import build_networks
 from tdm.run_folder import plan_start, start_in_folder
 from tdm.step_condition import step_tables
 from tdm.survival import (Survival, TrainingStopped, all_finite, checkpoint_files, load_checkpoint,
-                          lost_peer, lost_peer_message, register_checkpoint_hooks, student_checksums)
+                          log_resume, lost_peer, lost_peer_message, register_checkpoint_hooks,
+                          resume_position, student_checksums)
 from tdm.trajectory import StepGrid
 
 logger = logging.getLogger("tdm")
@@ -57,9 +57,7 @@ class TqdmLogHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-# ---------------------------------------------------------------------------------------------
-# build: every check, then accelerator, backbone, networks, TDM, optimisers, data, resume
-# ---------------------------------------------------------------------------------------------
+# -- build: every check, then accelerator, backbone, networks, TDM, optimisers, data, resume ------
 def build(args):
     """Everything a run needs, from flags: accelerator, backbone, the three networks, the TDM
     objective, optimisers, LR schedule and prompt loader, and the checkpoint to resume from,
@@ -122,18 +120,11 @@ def build(args):
         ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
         states["ema"] = (ema, False)
     register_checkpoint_hooks(accelerator, networks, states)
-    tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, guidance_embedding=guidance_embedding,
-                                             separate=args.use_separate,
-                                             randmid=args.use_randmid, loss=args.loss,
-                                             snr_gamma=args.snr_gamma,
-                                             importance_weight=not args.no_importance_weight,
-                                             # sharded forwards are collective: every rank
-                                             # must run the same number of them
-                                             lazy_rollout=not (args.full_rollout or networks.sharded),
-                                             share_step_draw=args.share_step_draw,
-                                             unify_steps=tuple(args.unify_steps or ()),
-                                             fake_step_condition=args.fake_step_condition),
-              training_rng)
+    config = TDMConfig.from_flags(args, guidance_embedding=guidance_embedding,
+                                  importance_weight=not args.no_importance_weight,
+                                  # sharded forwards are collective: every rank must run as many
+                                  lazy_rollout=not (args.full_rollout or networks.sharded))
+    tdm = TDM(backbone.path, grid, config, training_rng)
     if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
         load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
     backbone.load_text_encoders(accelerator.device, weight_dtype)
@@ -184,9 +175,7 @@ def make_optimizer(params, lr, args):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
-# ---------------------------------------------------------------------------------------------
-# one iteration (docs/method.md §2–5)
-# ---------------------------------------------------------------------------------------------
+# -- one iteration (docs/method.md §2–5) ----------------------------------------------------------
 def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
            lr_scheduler=None) -> bool:
     """backward → optimiser step of one update; returns whether the step was applied. Averages
@@ -271,9 +260,7 @@ def log_validation(accelerator, args, run, global_step):
             tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=global_step)
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop, then the export
-# ---------------------------------------------------------------------------------------------
+# -- the loop, then the export --------------------------------------------------------------------
 def main(args) -> int:
     run = build(args)   # every check passed, the checkpoint to resume from is loaded: the run starts
     logging.getLogger().setLevel(logging.INFO)
@@ -282,13 +269,9 @@ def main(args) -> int:
     start_in_folder(accelerator, args)
 
     global_step = run.start_step
-    if run.resumed_from is not None:
-        logger.info("resumed from %s at step %d", run.resumed_from, global_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
-    steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    log_resume(args, run.resumed_from, global_step)
+    first_epoch, skip_batches = resume_position(global_step, len(run.dataloader),
+                                                args.gradient_accumulation_steps)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
@@ -316,10 +299,8 @@ def main(args) -> int:
             if args.log_prompts:
                 logs["prompts_per_rank"] = gather_object([list(batch_prompts)])
             progress.update(1)
-            progress.set_postfix(fake_score=f"{logs['loss_fake_score']:.4g}",
-                                 student=f"{logs['loss_student']:.4g}")
-            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))},
-                            step=global_step)
+            progress.set_postfix(fake_score=f"{losses[0]:.4g}", student=f"{losses[1]:.4g}")
+            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=global_step)
             if accelerator.is_main_process:
                 append_line(log_path, logs)
             survival.after_step(global_step, progress)   # non-finite policy, --checkpointing_steps

@@ -9,6 +9,7 @@ iteration, `after_step` once the step is logged, `stop_requested` last in the st
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -88,6 +89,20 @@ def load_checkpoint(accelerator, path: str, requested: str) -> None:
     except Exception as error:   # a file accelerate or safetensors cannot read, another model
         raise UsageError(f"--resume_from_checkpoint {requested}: cannot load {path}: "
                          f"{type(error).__name__}: {first_line(error)}") from None
+
+
+def log_resume(args, resumed_from, step: int) -> None:
+    if resumed_from is not None:
+        logger.info("resumed from %s at step %d", resumed_from, step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
+
+
+def resume_position(step: int, batches_per_epoch: int, accumulation: int) -> tuple:
+    """Where optimiser step `step` is in the data: its epoch and the batches of that epoch to skip
+    (the sampler is seeded per epoch, so skipping them gives the batches a straight run saw)."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    return step // steps_per_epoch, (step % steps_per_epoch) * accumulation
 
 
 def save_checkpoint(accelerator, args, global_step) -> str:
