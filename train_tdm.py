@@ -208,6 +208,11 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
     update, then the student update against teacher minus the updated fake score. Returns both
     losses and how many of the two updates were skipped for non-finite values.
 
+    Roles: θ rolls out without gradient, ψ takes its loss, then θ its own, with φ and the updated ψ
+    read without gradient. `student`/`fake_score` train (full mode: DDP-wrapped, the backward
+    averages gradients); `*_eval` are the same weights unwrapped, for no-grad forwards, which ranks
+    may run unequally often (lazy rollout). With LoRA (gradients averaged by hand) and FSDP (every
+    forward collective: wrapped) the two handles are one module.
     Each update's forward gets its own autocast region: autocast caches the low-precision copy
     of every trainable weight until its region ends, so one region around both updates would
     let the student update read the fake score ψ from before its optimiser step."""
@@ -302,7 +307,8 @@ def main(args) -> int:
             progress.set_postfix(fake_score=f"{losses[0]:.4g}", student=f"{losses[1]:.4g}")
             accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=global_step)
             if accelerator.is_main_process:
-                append_line(log_path, logs)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(logs) + "\n")
             survival.after_step(global_step, progress)   # non-finite policy, --checkpointing_steps
             if args.validation_steps and global_step % args.validation_steps == 0:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
@@ -317,18 +323,14 @@ def main(args) -> int:
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0
     checksums = student_checksums(accelerator, networks, full_state)
     if accelerator.is_main_process:
-        append_line(log_path, {"step": global_step, "student_checksum_per_rank": checksums})
+        with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
+            f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
         with run.ema.applied() if args.export_ema else contextlib.nullcontext():
             logger.info("exported the %sstudent to %s", "EMA of the " if args.export_ema else "",
                         networks.export(args.output_dir, backbone, args.export_format, full_state))
         write_model_card(args.output_dir, backbone, args)   # README.md beside the export
     accelerator.end_training()
     return 0
-
-
-def append_line(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def cli(argv=None) -> int:
