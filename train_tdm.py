@@ -7,7 +7,9 @@
 Per iteration (docs/method.md §2–5): roll the student θ out on its step grid from pure noise;
 update the fake score ψ on points of that trajectory; then update the student with the
 teacher-minus-fake-score direction at a freshly drawn point. The maths is in tdm/ (draws, rollout
-and losses in tdm/method.py); this file wires it to accelerate.
+and losses in tdm/method.py); this file wires it to accelerate, top to bottom: the flags
+(tdm/config.py), build, one iteration, the loop, the export. What keeps a run alive on a cluster
+(checkpoints, resume, stop signal, non-finite updates, lost peers) is in tdm/survival.py.
 """
 from __future__ import annotations
 
@@ -15,20 +17,34 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
-import re
-import signal
 import sys
 from types import SimpleNamespace
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
+                              gather_object, set_seed)
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
-from tdm.checks import model_error
+from tdm.backbones import load_for_training
 from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fsdp_launch,
-                        check_output_dir, parse_args, save_resolved_config)
+                        check_output_dir, parse_args)
 from tdm.data import load_prompts
-from tdm.run_folder import clear_previous_run, plan_start
+from tdm.ema import StudentEMA
+from tdm.embedding_cache import prompt_encoder
+from tdm.method import TDM, TDMConfig, TrainingRNG
+from tdm.model_card import write_model_card
+from tdm.networks import build_networks, enable_xformers
+from tdm.plan import warn_if_over_memory
+from tdm.run_folder import plan_start, start_in_folder
+from tdm.step_condition import step_tables
+from tdm.survival import (Survival, TrainingStopped, all_finite, checkpoint_files, load_checkpoint,
+                          log_resume, lost_peer, lost_peer_message, register_checkpoint_hooks,
+                          resume_position, student_checksums)
+from tdm.trajectory import StepGrid
+from tdm.validation import log_measures, validation_measures
 
 logger = logging.getLogger("tdm")
 
@@ -37,32 +53,111 @@ class TqdmLogHandler(logging.StreamHandler):
     """Log lines through tqdm.write: on lines of their own above the progress bar, not glued to it."""
 
     def emit(self, record):
-        from tqdm.auto import tqdm
-
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
             self.handleError(record)
 
 
-# ---------------------------------------------------------------------------------------------
-# building blocks
-# ---------------------------------------------------------------------------------------------
-def enable_xformers(nets, accelerator):
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        if accelerator.is_main_process:
-            print("warning: xformers is not installed; using PyTorch SDPA attention", file=sys.stderr)
-        return
-    for net in nets:
-        net.enable_xformers_memory_efficient_attention()
+# -- build: every check, then accelerator, backbone, networks, TDM, optimisers, data, resume ------
+def build(args):
+    """Everything a run needs, from flags: accelerator, backbone, the three networks, the TDM
+    objective, optimisers, LR schedule and prompt loader, and the checkpoint to resume from,
+    loaded. Bad input and a start that would damage the run folder fail before any model load;
+    nothing is written to --output_dir until the checkpoint is loaded (the prompt cache after)."""
+    prompts = load_prompts(args.prompts, args.caption_column)
+    grid = StepGrid(args.timesteps)
+    check_output_dir(args.output_dir)
+    check_fsdp_launch()
+    if args.use_8bit_adam:
+        check_8bit_adam()
+    accelerator = make_accelerator(args)
+    # warnings only until the run starts (main): a refused start prints its one line alone
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
+                        handlers=[TqdmLogHandler()])
+    check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
+    sharded = accelerator.distributed_type.value == "FSDP"
+    resume_from, start_step = plan_start(args.output_dir, args.resume_from_checkpoint,
+                                         args.overwrite_output_dir,
+                                         checkpoint_files(args, accelerator.num_processes, sharded))
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                       torch.float32)
+    if len(prompts) < args.train_batch_size * accelerator.num_processes:
+        raise UsageError(f"--prompts has {len(prompts)} prompts, fewer than one batch "
+                         f"({args.train_batch_size} × {accelerator.num_processes} processes)")
+
+    warn_if_over_memory(args, accelerator)   # one line when its plan exceeds the GPU
+    # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
+    backbone, guidance_embedding = load_for_training(args, grid)
+    networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
+                              args.lora_alpha, args.gradient_checkpointing,
+                              step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(networks.modules(), accelerator)
+    if args.torch_compile:
+        networks.compile()
+    backbone.path = backbone.path.to(accelerator.device)
+
+    # Two AdamW optimisers; LR schedule and clipping on the student only (docs/method.md §4–5).
+    fake_score_optimizer = make_optimizer(networks.fake_score_params, args.learning_rate, args)
+    student_optimizer = make_optimizer(networks.student_params,
+                                         args.learning_rate * args.generator_lr_ratio, args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=student_optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
+                                             drop_last=True, num_workers=args.dataloader_num_workers)
+    # order matters under FSDP: optimiser i is saved with model i (student, then fake score)
+    student_optimizer, fake_score_optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        student_optimizer, fake_score_optimizer, dataloader, lr_scheduler)
+    training_rng = TrainingRNG(accelerator.device, (args.seed or 0) + accelerator.process_index,
+                                     shared_seed=args.seed or 0)
+    states = {"training_rng": (training_rng, True)}   # each process its own noise stream
+    ema = None
+    if args.use_ema:
+        ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
+        states["ema"] = (ema, False)
+    register_checkpoint_hooks(accelerator, networks, states)
+    config = TDMConfig.from_flags(args, guidance_embedding=guidance_embedding,
+                                  importance_weight=not args.no_importance_weight,
+                                  # sharded forwards are collective: every rank must run as many
+                                  lazy_rollout=not (args.full_rollout or networks.sharded))
+    tdm = TDM(backbone.path, grid, config, training_rng)
+    if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
+        load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
+    backbone.load_text_encoders(accelerator.device, weight_dtype)
+    backbone.load_vae(accelerator.device, weight_dtype)
+    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
+    encode = prompt_encoder(args, accelerator, backbone, prompts, weight_dtype)
+    return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm, ema=ema,
+                           encode=encode, uncond=uncond, dataloader=dataloader,
+                           fake_score_optimizer=fake_score_optimizer, student_optimizer=student_optimizer,
+                           lr_scheduler=lr_scheduler, resumed_from=resume_from, start_step=start_step,
+                           latent_shape=backbone.latent_shape(args.resolution, args.num_frames))
+
+
+def make_accelerator(args):
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
+        # a collective whose peer died or hangs fails after this long instead of blocking forever
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
+    )
 
 
 def make_optimizer(params, lr, args):
     """AdamW (fused on CUDA: one kernel for all parameters), or bitsandbytes' 8-bit AdamW."""
     if args.use_8bit_adam:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb   # optional, checked in build (check_8bit_adam)
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
@@ -72,64 +167,7 @@ def make_optimizer(params, lr, args):
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
 
 
-def state_file_name(name: str, per_process: bool, process_index: int) -> str:
-    return f"{name}_{process_index}.safetensors" if per_process else f"{name}.safetensors"
-
-
-def checkpoint_files(args, num_processes: int, sharded: bool) -> list:
-    """The files every checkpoint of this run holds (checked where one has no manifest): the
-    states of register_checkpoint_hooks, the networks' files, and accelerate's optimiser, scheduler
-    and RNG files (under FSDP accelerate writes the networks and optimisers in its own layout)."""
-    from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
-
-    from tdm.checkpoint import checkpointed_names
-
-    states = {"training_rng": True, **({"ema": False} if args.use_ema else {})}   # as build() registers
-    files = [state_file_name(name, per_process, rank) for name, per_process in states.items()
-             for rank in range(num_processes if per_process else 1)]
-    files += [f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(num_processes)] + [f"{SCHEDULER_NAME}.bin"]
-    if not sharded:
-        files += [f"{name}.safetensors" for name in checkpointed_names(args.train_mode)]
-        files += [f"{OPTIMIZER_NAME}.bin", f"{OPTIMIZER_NAME}_1.bin"]
-    return files
-
-
-def register_checkpoint_hooks(accelerator, networks, states: dict):
-    """Checkpoints hold only what trains (LoRA layers, or every weight in full mode), written
-    by the networks themselves, and `states` (name → object with tensor state_dicts: the
-    training RNG, one file per process, and the EMA), as safetensors: resuming unpickles nothing
-    of ours. accelerate adds optimisers, scheduler and its RNG states."""
-    from tdm.checkpoint import load_tensors, save_tensors
-
-    def state_file(folder, name, per_process):
-        return os.path.join(folder, state_file_name(name, per_process, accelerator.process_index))
-
-    def save_hook(models, weights, output_dir):
-        for name, (obj, per_process) in states.items():
-            if per_process or accelerator.is_main_process:
-                save_tensors(obj.state_dict(), state_file(output_dir, name, per_process))
-        if networks.sharded:   # FSDP/DeepSpeed: accelerate gathers and writes the shards itself
-            return
-        if accelerator.is_main_process:
-            networks.save(output_dir)
-        weights.clear()   # nothing else: the default would store the frozen base too
-
-    def load_hook(models, input_dir):
-        for name, (obj, per_process) in states.items():
-            path = state_file(input_dir, name, per_process)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: missing (the checkpoint was written by fewer "
-                                        "processes, or by a version that pickled this state)")
-            obj.load_state_dict(load_tensors(path))
-        if networks.sharded:
-            return
-        networks.load(input_dir)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
+# -- one iteration (docs/method.md §2–5) ----------------------------------------------------------
 def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
            lr_scheduler=None) -> bool:
     """backward → optimiser step of one update; returns whether the step was applied. Averages
@@ -162,6 +200,11 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
     update, then the student update against teacher minus the updated fake score. Returns both
     losses and how many of the two updates were skipped for non-finite values.
 
+    Roles: θ rolls out without gradient, ψ takes its loss, then θ its own, with φ and the updated ψ
+    read without gradient. `student`/`fake_score` train (full mode: DDP-wrapped, the backward
+    averages gradients); `*_eval` are the same weights unwrapped, for no-grad forwards, which ranks
+    may run unequally often (lazy rollout). With LoRA (gradients averaged by hand) and FSDP (every
+    forward collective: wrapped) the two handles are one module.
     Each update's forward gets its own autocast region: autocast caches the low-precision copy
     of every trainable weight until its region ends, so one region around both updates would
     let the student update read the fake score ψ from before its optimiser step."""
@@ -179,52 +222,12 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
     return fake_score_loss, student_loss, (not fake_score_applied) + (not student_applied)
 
 
-def save_checkpoint(accelerator, args, global_step) -> str:
-    from tdm.checkpoint import save_atomically
-
-    path = save_atomically(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-    logger.info("saved %s", path)
-    return path
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0 (cluster preemption)."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def requested(self, accelerator) -> bool:
-        """Agreed over processes: one rank signalled is enough for all to stop at this step."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, "max")
-        return bool(flag.item())
-
-
-def all_finite(accelerator, values: torch.Tensor) -> bool:
-    """Whether every value is finite on every process (so that all ranks skip together): one
-    reduction, one host sync."""
-    flag = torch.isfinite(values).all().float().reshape(1)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "min")
-    return bool(flag.item())
-
-
 @torch.no_grad()
 def log_validation(accelerator, args, run, global_step, measures):
-    """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K, and
-    its `measures` (tdm.validation) logged. Every rank samples (a sharded student needs all
-    ranks in each forward; a DDP student is called unwrapped and the other ranks would only
-    wait); the main process writes."""
+    """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K, and its
+    `measures` (tdm.validation). Every rank samples (a sharded student needs all ranks in each
+    forward; a DDP student is called unwrapped, the others would only wait); the main one writes."""
     from tdm.images import image_grid, to_pil
-    from tdm.validation import log_measures
 
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
     prompts = args.validation_prompts
@@ -256,211 +259,24 @@ def log_validation(accelerator, args, run, global_step, measures):
             tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=global_step)
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
-def build(args):
-    """Everything a run needs, from flags: accelerator, backbone, the three networks, the TDM
-    objective, optimisers, LR schedule and prompt loader, and the checkpoint to resume from,
-    loaded. Bad input and a start that would damage the run folder fail before any model load;
-    nothing is written to --output_dir until the checkpoint is loaded (the prompt cache after)."""
-    from tdm.trajectory import StepGrid
-
-    prompts = load_prompts(args.prompts, args.caption_column)
-    grid = StepGrid(args.timesteps)
-    check_output_dir(args.output_dir)
-    check_fsdp_launch()
-    if args.use_8bit_adam:
-        check_8bit_adam()
-
-    from accelerate import Accelerator
-    from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
-                                  set_seed)
-
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in ("none", "") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed or 0),
-        # a collective whose peer died or hangs fails after this long instead of blocking forever
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
-    )
-    # warnings only until the run starts (main): a refused start prints its one line alone
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING,
-                        handlers=[TqdmLogHandler()])
-    check_distributed(accelerator.distributed_type.value, args.train_mode, args.use_ema)
-    sharded = accelerator.distributed_type.value == "FSDP"
-    resume_from, start_step = plan_start(args.output_dir, args.resume_from_checkpoint,
-                                         args.overwrite_output_dir,
-                                         checkpoint_files(args, accelerator.num_processes, sharded))
-    from diffusers.optimization import get_scheduler
-
-    from tdm.backbones import load_backbone
-    from tdm.method import TDM, TDMConfig, TrainingRNG
-    from tdm.networks import build_networks
-    from tdm.plan import warn_if_over_memory
-    from tdm.step_condition import step_tables
-
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                                       torch.float32)
-    if len(prompts) < args.train_batch_size * accelerator.num_processes:
-        raise UsageError(f"--prompts has {len(prompts)} prompts, fewer than one batch "
-                         f"({args.train_batch_size} × {accelerator.num_processes} processes)")
-
-    warn_if_over_memory(args, accelerator)   # one line when its plan exceeds the GPU
-    # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
-    try:
-        backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
-                                 args.variant, args.backbone_options, args.resolution)
-    except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
-        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-                          error) from None
-    try:
-        backbone.check_fit(args)
-        guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
-        raise UsageError("--export_format kohya needs --train_mode lora on a UNet backbone (SD1.x, SDXL)")
-    if args.max_sequence_length:
-        backbone.max_sequence_length = args.max_sequence_length
-    if grid.timesteps[0] >= backbone.path.num_timesteps:
-        raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
-                         f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
-    networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
-                              args.lora_alpha, args.gradient_checkpointing,
-                              step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
-    if args.enable_xformers_memory_efficient_attention:
-        enable_xformers(networks.modules(), accelerator)
-    if args.torch_compile:
-        networks.compile()
-    backbone.path = backbone.path.to(accelerator.device)
-
-    # Two AdamW optimisers; LR schedule and clipping on the student only (docs/method.md §4–5).
-    fake_score_optimizer = make_optimizer(networks.fake_score_params, args.learning_rate, args)
-    student_optimizer = make_optimizer(networks.student_params,
-                                         args.learning_rate * args.generator_lr_ratio, args)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=student_optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
-    dataloader = torch.utils.data.DataLoader(prompts, batch_size=args.train_batch_size, shuffle=True,
-                                             drop_last=True, num_workers=args.dataloader_num_workers)
-    # order matters under FSDP: optimiser i is saved with model i (student, then fake score)
-    student_optimizer, fake_score_optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        student_optimizer, fake_score_optimizer, dataloader, lr_scheduler)
-    training_rng = TrainingRNG(accelerator.device, (args.seed or 0) + accelerator.process_index,
-                                     shared_seed=args.seed or 0)
-    states = {"training_rng": (training_rng, True)}   # each process its own noise stream
-    ema = None
-    if args.use_ema:
-        from tdm.ema import StudentEMA
-
-        ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
-        states["ema"] = (ema, False)
-    register_checkpoint_hooks(accelerator, networks, states)
-    tdm = TDM(backbone.path, grid, TDMConfig(cfg=args.cfg, guidance_embedding=guidance_embedding,
-                                             separate=args.use_separate,
-                                             randmid=args.use_randmid, loss=args.loss,
-                                             snr_gamma=args.snr_gamma,
-                                             importance_weight=not args.no_importance_weight,
-                                             # sharded forwards are collective: every rank
-                                             # must run the same number of them
-                                             lazy_rollout=not (args.full_rollout or networks.sharded),
-                                             share_step_draw=args.share_step_draw,
-                                             unify_steps=tuple(args.unify_steps or ()),
-                                             fake_step_condition=args.fake_step_condition),
-              training_rng)
-    if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
-        load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
-    backbone.load_text_encoders(accelerator.device, weight_dtype)
-    backbone.load_vae(accelerator.device, weight_dtype)
-    uncond = backbone.encode_prompts([""])   # the empty-prompt branch of the teacher's CFG
-    encode = text_conditions(args, accelerator, backbone, prompts, weight_dtype)
-    return SimpleNamespace(accelerator=accelerator, backbone=backbone, networks=networks, tdm=tdm, ema=ema,
-                           encode=encode, uncond=uncond, dataloader=dataloader,
-                           fake_score_optimizer=fake_score_optimizer, student_optimizer=student_optimizer,
-                           lr_scheduler=lr_scheduler, resumed_from=resume_from, start_step=start_step,
-                           latent_shape=backbone.latent_shape(args.resolution, args.num_frames))
-
-
-def text_conditions(args, accelerator, backbone, prompts, weight_dtype):
-    """prompts -> condition: the text encoder on every batch, or the on-disk cache
-    (--cache_text_embeddings), filled once up front, after which the encoder leaves the device."""
-    if not args.cache_text_embeddings:
-        return backbone.encode_prompts
-    from tdm.embedding_cache import EmbeddingCache
-
-    cache = EmbeddingCache(args.text_embeddings_dir or os.path.join(args.output_dir, "text_embeddings"),
-                           backbone)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            cache.precompute(prompts + list(args.validation_prompts), dtype=weight_dtype)
-    backbone.offload_text_encoders()
-    return lambda batch_prompts: cache.encode(batch_prompts, accelerator.device)
-
-
-class TrainingStopped(RuntimeError):
-    """Too many consecutive non-finite updates; the last good state is checkpointed."""
-
-
-def load_checkpoint(accelerator, path: str, requested: str) -> None:
-    """Load the verified checkpoint (tdm.run_folder.plan_start chose it); one that does not load
-    into this run (another model, a file accelerate cannot read) is refused in one line."""
-    try:
-        accelerator.load_state(path)
-    except Exception as error:   # a file accelerate or safetensors cannot read, another model
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"--resume_from_checkpoint {requested}: cannot load {path}: "
-                         f"{type(error).__name__}: {first_line}") from None
-
-
+# -- the loop, then the export --------------------------------------------------------------------
 def main(args) -> int:
-    from tqdm.auto import tqdm
-
-    from tdm.checkpoint import remove_incomplete
-
     run = build(args)   # every check passed, the checkpoint to resume from is loaded: the run starts
     logging.getLogger().setLevel(logging.INFO)
     accelerator, backbone, networks, tdm = run.accelerator, run.backbone, run.networks, run.tdm
-    stop = StopSignal()
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            removed = clear_previous_run(args.output_dir, args.logging_dir)
-            if removed:
-                logger.info("--overwrite_output_dir: deleted the previous run's %s",
-                            ", ".join(os.path.relpath(path, args.output_dir) for path in removed))
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_incomplete(args.output_dir)
-        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
-        tracker_config = {k: v for k, v in vars(args).items()
-                          if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
-    accelerator.wait_for_everyone()   # no rank writes into the folder before it is cleared
+    survival = Survival(accelerator, args)   # from here a stop signal ends the run at a step's end
+    start_in_folder(accelerator, args)
 
-    if args.validation_steps:
-        from tdm.validation import validation_measures
-
+    if args.validation_steps:   # the teacher's samples once: the student's agreement at each validation
         measures = validation_measures(args, backbone, tdm, networks.teacher, run.uncond)
     global_step = run.start_step
-    if run.resumed_from is not None:
-        logger.info("resumed from %s at step %d", run.resumed_from, global_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
-    steps_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    log_resume(args, run.resumed_from, global_step)
+    first_epoch, skip_batches = resume_position(global_step, len(run.dataloader),
+                                                args.gradient_accumulation_steps)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="TDM",
                     disable=not accelerator.is_local_main_process)
-    nonfinite_total = nonfinite_in_a_row = 0
     for epoch in range(first_epoch, sys.maxsize):
         if global_step >= args.max_train_steps:
             break
@@ -477,41 +293,23 @@ def main(args) -> int:
             global_step += 1
             if run.ema is not None:
                 run.ema.update(global_step)
-            nonfinite_total += skipped
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
             losses = torch.stack([fake_score_loss.detach(), student_loss.detach()]).tolist()  # one sync
             logs = {"step": global_step, "loss_fake_score": losses[0], "loss_student": losses[1],
-                    "lr": run.lr_scheduler.get_last_lr()[0], "nonfinite_skipped": nonfinite_total}
+                    "lr": run.lr_scheduler.get_last_lr()[0],
+                    "nonfinite_skipped": survival.count_nonfinite(skipped)}
             if args.log_prompts:
-                from accelerate.utils import gather_object
-
                 logs["prompts_per_rank"] = gather_object([list(batch_prompts)])
             progress.update(1)
-            progress.set_postfix(fake_score=f"{logs['loss_fake_score']:.4g}",
-                                 student=f"{logs['loss_student']:.4g}")
-            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))},
-                            step=global_step)
+            progress.set_postfix(fake_score=f"{losses[0]:.4g}", student=f"{losses[1]:.4g}")
+            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=global_step)
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(logs) + "\n")
-            if nonfinite_in_a_row >= args.max_nonfinite:
-                progress.close()
-                path = save_checkpoint(accelerator, args, global_step)
-                raise TrainingStopped(f"{nonfinite_in_a_row} consecutive iterations with non-finite "
-                                      f"losses or gradients (--max_nonfinite {args.max_nonfinite}); "
-                                      f"the last good state is in {path}")
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+            survival.after_step(global_step, progress)   # non-finite policy, --checkpointing_steps
             if args.validation_steps and global_step % args.validation_steps == 0:
                 with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
                     log_validation(accelerator, args, run, global_step, measures)
-            if stop.requested(accelerator):
-                progress.close()
-                path = save_checkpoint(accelerator, args, global_step)
-                logger.info("%s received: saved %s at step %d; continue with "
-                            "--resume_from_checkpoint latest", stop.received or "stop signal",
-                            path, global_step)
-                accelerator.end_training()
+            if survival.stop_requested(global_step, progress):   # saved: exit 0, resumable
                 return 0
             if global_step >= args.max_train_steps:
                 break
@@ -519,65 +317,29 @@ def main(args) -> int:
 
     accelerator.wait_for_everyone()
     full_state = networks.gather_student(accelerator)   # sharded: the whole student on rank 0
-    if full_state is None:   # every rank holds the whole student: they must agree
-        checksums = gather_checksums(accelerator, float(sum(p.detach().double().sum()
-                                                            for p in networks.student_params)))
-    else:                    # the other ranks hold shards only
-        checksums = [float(sum(v.double().sum() for v in full_state.values()))]
+    checksums = student_checksums(accelerator, networks, full_state)
     if accelerator.is_main_process:
         with open(log_path, "a") as f:   # ranks must agree: a cheap check of data parallelism
             f.write(json.dumps({"step": global_step, "student_checksum_per_rank": checksums}) + "\n")
         with run.ema.applied() if args.export_ema else contextlib.nullcontext():
             logger.info("exported the %sstudent to %s", "EMA of the " if args.export_ema else "",
                         networks.export(args.output_dir, backbone, args.export_format, full_state))
-        from tdm.model_card import write_model_card   # README.md beside the export
-
-        write_model_card(args.output_dir, backbone, args)
+        write_model_card(args.output_dir, backbone, args)   # README.md beside the export
     accelerator.end_training()
     return 0
-
-
-def gather_checksums(accelerator, value: float) -> list:
-    from accelerate.utils import gather_object
-
-    return gather_object([value]) if accelerator.num_processes > 1 else [value]
 
 
 def cli(argv=None) -> int:
     try:
         return main(parse_args(argv))
-    except UsageError as error:
+    except (UsageError, TrainingStopped) as error:   # bad input: 2; stopped on non-finite values: 1
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     except Exception as error:
         if not lost_peer(error):
             raise
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]   # gloo: no source path
-        from tqdm.auto import tqdm
-
-        tqdm.write(f"error: process {rank} of {world} lost contact with the others in a collective "
-                   f"operation ({first_line}): another process died or hung (--ddp_timeout). "
-                   "Restart every process with --resume_from_checkpoint latest", file=sys.stderr)
-        return 1   # (tqdm.write: on a line of its own, not after the progress bar)
-
-
-def lost_peer(error: BaseException) -> bool:
-    """Whether `error` is a collective that failed because another process is gone or stalled
-    (gloo: connection reset or closed, or --ddp_timeout expired; NCCL errors that reach Python:
-    by default NCCL's watchdog ends the process itself after --ddp_timeout, with its own message)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    if isinstance(error, getattr(torch.distributed, "DistError", ())):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
-                                      "Timed out", "timed out"))
+        tqdm.write(lost_peer_message(error), file=sys.stderr)   # a line of its own, not after the bar
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -227,7 +226,6 @@ def save_atomically(accelerator, output_dir: str, step: int, total_limit: Option
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
-    time.sleep(float(os.environ.get("TDM_TEST_SAVE_DELAY", 0)))   # lets a test kill a save mid-way
     if accelerator.is_main_process:
         write_manifest(tmp, step)
         if os.path.isdir(final):

@@ -14,6 +14,7 @@ import yaml
 
 from .checks import (Choice, Number, Parser, UsageError, check_values, check_writable_folder, choice,
                      did_you_mean, flag_error, yaml_value)
+from .losses import StudentLoss
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -112,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Condition the fake score on the step index k (advised in mode 2).")
     g.add_argument("--cfg", type=Number(float, above=0, hint=" (1 disables guidance)"), default=4.5,
                    help="Teacher guidance scale in the target.")
-    g.add_argument("--guidance_embedding", default="auto", choices=("auto", "on", "off"),
-                   type=Choice(("auto", "on", "off"),   # YAML reads on/off as booleans
+    g.add_argument("--guidance_embedding", default="auto", choices=tuple(GUIDANCE_EMBEDDING),
+                   type=Choice(tuple(GUIDANCE_EMBEDDING),   # YAML reads on/off as booleans
                                yaml_values={None: "auto", True: "on", False: "off"}),
                    help="How the teacher is guided: through its guidance embedding, one call with "
                    "--cfg as input (guidance-distilled models: FLUX.1-dev), or by classifier-free "
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mode 1: each step's diffusion interval is its own.")
     g.add_argument("--use_randmid", action="store_true", help="Random end point of the ODE move.")
     g.add_argument("--use_huber", action="store_true", help="Element-wise pseudo-Huber (c=1e-3).")
-    g.add_argument("--loss", **choice("mse", "huber", "huber_norm"), default=None,
+    g.add_argument("--loss", **choice(*StudentLoss.kinds), default=None,
                    help="Generator loss; default mse, or huber with --use_huber. huber_norm is "
                    "the paper's norm-level pseudo-Huber.")
     g.add_argument("--share_step_draw", action="store_true",

@@ -50,3 +50,17 @@ class EmbeddingCache:
         """The cached conditions of `prompts`, batched, as encode_prompts would return them."""
         cond = cat_conditions(*(load_file(self.path(p)) for p in prompts))
         return condition_to(cond, device)
+
+
+def prompt_encoder(args, accelerator, backbone, prompts, weight_dtype):
+    """prompts -> condition: the text encoder on every batch, or the on-disk cache
+    (--cache_text_embeddings), filled once up front, after which the encoder leaves the device."""
+    if not args.cache_text_embeddings:
+        return backbone.encode_prompts
+    cache = EmbeddingCache(args.text_embeddings_dir or os.path.join(args.output_dir, "text_embeddings"),
+                           backbone)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            cache.precompute(prompts + list(args.validation_prompts), dtype=weight_dtype)
+    backbone.offload_text_encoders()
+    return lambda batch_prompts: cache.encode(batch_prompts, accelerator.device)

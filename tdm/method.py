@@ -15,7 +15,7 @@ runs forward loss → backward → optimiser step for each update.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -29,10 +29,13 @@ from .trajectory import DenoiserFn, Draw, Rollout, StepGrid, diffuse, rollout, s
 
 @dataclass(frozen=True)
 class TDMConfig:
+    """The settings of the objective, each named as its flag (tdm/config.py) except the three
+    the run decides: importance_weight (--no_importance_weight), lazy_rollout (--full_rollout, or
+    off where forwards are sharded) and guidance_embedding (the backbone's, Backbone.set_guidance)."""
     cfg: float = 4.5
-    separate: bool = False      # mode 1 (--use_separate) vs mode 2 (intervals up to T)
-    randmid: bool = False       # --use_randmid
-    loss: str = "mse"           # mse | huber | huber_norm
+    use_separate: bool = False  # mode 1 (each step's own interval) vs mode 2 (intervals up to T)
+    use_randmid: bool = False   # random end point of the ODE move
+    loss: str = "mse"           # one of StudentLoss.kinds
     snr_gamma: float = 5.0
     importance_weight: bool = True  # w_IS of §4 (False: the paper's ablation)
     lazy_rollout: bool = True   # advance each sample only as deep as its draws need
@@ -42,6 +45,19 @@ class TDMConfig:
     # §5.1: the teacher is guided through its guidance embedding (one call, cfg in the condition
     # under GUIDANCE) instead of CFG (Backbone.set_guidance decides: FLUX.1-dev)
     guidance_embedding: bool = False
+    DECIDED = ("importance_weight", "lazy_rollout", "guidance_embedding")   # not flags: the run's
+
+    def __post_init__(self):
+        object.__setattr__(self, "unify_steps", tuple(self.unify_steps or ()))   # a flag's list or None
+
+    @classmethod
+    def from_flags(cls, flags, **decided) -> "TDMConfig":
+        """Every field named like a flag read from the run config `flags`, the DECIDED ones from
+        the caller; any other set of `decided` raises (none silently keeps its default)."""
+        if sorted(decided) != sorted(cls.DECIDED):
+            raise ValueError(f"TDMConfig.from_flags decides {sorted(cls.DECIDED)}, got {sorted(decided)}")
+        return cls(**{field.name: decided[field.name] if field.name in decided else getattr(flags, field.name)
+                      for field in fields(cls)})
 
 
 GUIDANCE = "guidance"   # condition key of a guidance-embedded teacher's guidance value ([B])
@@ -166,8 +182,8 @@ class TDM:
         student draw reuses the fake-score draw's k (fresh t_e and t)."""
         rng = self.rng.draw_rng if self.rng else None
         grid, c = self.grids[num_steps], self.config
-        fake_score_draw = sample_draw(grid, batch, "cpu", c.separate, c.randmid, rng)
-        student_draw = sample_draw(grid, batch, "cpu", c.separate, c.randmid, rng,
+        fake_score_draw = sample_draw(grid, batch, "cpu", c.use_separate, c.use_randmid, rng)
+        student_draw = sample_draw(grid, batch, "cpu", c.use_separate, c.use_randmid, rng,
                                    k=fake_score_draw.k if c.share_step_draw else None)
         return fake_score_draw, student_draw
 

@@ -14,6 +14,7 @@ full-mode weights under autocast), and attention runs tdm.attention's lean proce
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -229,3 +230,16 @@ def joint_call(calls: list, x: torch.Tensor, t: torch.Tensor) -> Optional[list]:
     x0, eps = backbone.path.x0_eps(out, x, t, backbone.prediction_type)
     sizes = [stop - start for _, start, stop, _ in rows]
     return list(zip(x0.split(sizes), eps.split(sizes)))
+
+
+def enable_xformers(nets, accelerator):
+    """--enable_xformers_memory_efficient_attention: xformers where installed (optional, GPU only),
+    else a one-line warning and PyTorch's SDPA."""
+    try:
+        import xformers  # noqa: F401   (optional: probed, not required)
+    except ImportError:
+        if accelerator.is_main_process:
+            print("warning: xformers is not installed; using PyTorch SDPA attention", file=sys.stderr)
+        return
+    for net in nets:
+        net.enable_xformers_memory_efficient_attention()

@@ -4,13 +4,17 @@ Decided before anything is written, so a refused start leaves every byte of the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import List, Optional, Sequence, Tuple
 
 from .checkpoint import (TMP_SUFFIX, DamagedCheckpoint, NoWholeCheckpoint, checkpoint_step,
-                         checkpoint_to_resume, list_checkpoints)
+                         checkpoint_to_resume, list_checkpoints, remove_incomplete)
 from .checks import UsageError
+from .config import save_resolved_config
+
+logger = logging.getLogger("tdm")
 
 WAYS_OUT = ("continue it with --resume_from_checkpoint latest, or start a new run with another "
             "--output_dir or with --overwrite_output_dir")
@@ -112,3 +116,21 @@ def clear_previous_run(output_dir: str, logging_dir: str) -> List[str]:
         else:
             os.remove(path)
     return removed
+
+
+def start_in_folder(accelerator, args) -> None:
+    """The main process clears a replaced run (--overwrite_output_dir), removes a save cut short,
+    writes config.yaml and starts the trackers; no rank writes into the folder before that."""
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            removed = clear_previous_run(args.output_dir, args.logging_dir)
+            if removed:
+                logger.info("--overwrite_output_dir: deleted the previous run's %s",
+                            ", ".join(os.path.relpath(path, args.output_dir) for path in removed))
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_incomplete(args.output_dir)
+        save_resolved_config(args, os.path.join(args.output_dir, "config.yaml"))
+        tracker_config = {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    accelerator.wait_for_everyone()

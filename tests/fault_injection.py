@@ -1,16 +1,22 @@
-"""Test-only hook: run train_tdm.py with both losses made non-finite at given iterations.
+"""Test-only hooks: run train_tdm.py with both losses made non-finite at given iterations, and/or
+with every checkpoint save held between accelerate's files and the manifest.
 
     python tests/fault_injection.py 1,2,3 <train_tdm.py flags>
+    TDM_TEST_SAVE_DELAY=SECONDS python tests/fault_injection.py "" <train_tdm.py flags>
 
 Iterations are counted from 1 per process (= the global step without gradient accumulation,
-counting from the start of this process). The training code has no parameter for this.
+counting from the start of this process). The save delay leaves `checkpoint-N.incomplete` with
+its files written and no manifest for SECONDS: long enough for a test to kill the save mid-way.
+The training code has no parameter for either.
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tdm  # noqa: E402
+from tdm import checkpoint  # noqa: E402
 from tdm.method import TDM, Iteration  # noqa: E402
 
 
@@ -34,6 +40,19 @@ def inject(steps) -> None:
     Iteration.student_loss = poisoned(student_loss)
 
 
+def delay_saves(seconds: float) -> None:
+    """Sleep before save_atomically writes the manifest (after accelerate wrote every file)."""
+    write_manifest = checkpoint.write_manifest
+
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
+        return write_manifest(*args, **kwargs)
+
+    checkpoint.write_manifest = delayed
+
+
 if __name__ == "__main__":
     inject({int(s) for s in sys.argv[1].split(",") if s})
+    if os.environ.get("TDM_TEST_SAVE_DELAY"):
+        delay_saves(float(os.environ["TDM_TEST_SAVE_DELAY"]))
     sys.exit(train_tdm.cli(sys.argv[2:]))

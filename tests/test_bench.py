@@ -63,7 +63,7 @@ def test_bench_train_counts_forwards_and_backwards(tmp_path):
         assert r["backward_passes_per_iteration"] == {"student": 1.0, "fake_score": 1.0}
         # host syncs: one fused finiteness flag per update, the logged losses, and the PixArt
         # text pipeline's own (gone with --cache_text_embeddings)
-        assert r["device_sync_sites"] == {"_local_scalar_dense train_tdm.py:all_finite": 2,
+        assert r["device_sync_sites"] == {"_local_scalar_dense survival.py:all_finite": 2,
                                           "tolist bench_train.py:iteration": 1,
                                           "_local_scalar_dense pixart.py:encode_prompts": 1}
         assert r["device_syncs"] == 4 and r["tflop_per_iteration"] > 0 and r["mfu"] is None

@@ -94,13 +94,13 @@ def test_training_losses_stay_finite_on_the_999_grid(cog):
     """No division by α_999: t_e ≤ τ_{K−1}+1 (or < t_g − 20 with randmid) and t ≤ T − 10."""
     grid = StepGrid(GRID)
     for separate in (True, False):
-        config = TDMConfig(separate=separate, randmid=True)
+        config = TDMConfig(use_separate=separate, use_randmid=True)
         for draw in TDM(cog.path, grid, config).draw(4, 4096, "cpu"):
             assert draw.t_e.max() < 999 and draw.t.max() < 999
     teacher, student = teacher_and_lora_student(cog)
     _, fake = teacher_and_lora_student(cog)
     cond = cog.encode_prompts(PROMPTS)
-    tdm = TDM(cog.path, grid, TDMConfig(cfg=6.0, randmid=True, loss="huber"))
+    tdm = TDM(cog.path, grid, TDMConfig(cfg=6.0, use_randmid=True, loss="huber"))
     iteration = tdm.start(cog.denoiser(student), cond, cog.encode_prompts([""]),
                           _noise(cog).shape[1:], "cpu")
     fake_score_loss = iteration.fake_score_loss(cog.denoiser(fake))

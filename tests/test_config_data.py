@@ -49,6 +49,19 @@ def test_the_run_config_is_resolved_once_and_read_only():
         args.replace(grid=[1])
 
 
+def test_the_tdm_config_is_the_flags_of_the_same_names():
+    from tdm.method import TDMConfig
+
+    args = parse_args(["--use_separate", "--use_randmid", "--cfg", "2.5", "--snr_gamma", "3", "--loss",
+                       "huber_norm", "--share_step_draw", "--unify_steps", "4,1,2", "--fake_step_condition"])
+    config = TDMConfig.from_flags(args, guidance_embedding=True, importance_weight=False, lazy_rollout=False)
+    assert config == TDMConfig(cfg=2.5, use_separate=True, use_randmid=True, loss="huber_norm", snr_gamma=3.0,
+                               importance_weight=False, lazy_rollout=False, share_step_draw=True,
+                               unify_steps=(1, 2, 4), fake_step_condition=True, guidance_embedding=True)
+    with pytest.raises(ValueError, match="decides"):   # the backbone's guidance embedding forgotten
+        TDMConfig.from_flags(args, importance_weight=True, lazy_rollout=True)
+
+
 def test_yaml_config_and_command_line_precedence(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("cfg: 3.5\nlearning_rate: 1.0e-4\nuse_separate: true\ntimesteps: [999, 500]\n")

@@ -167,7 +167,7 @@ def test_hung_rank_stops_the_other_after_ddp_timeout(tiny_pixart, tmp_path):
 
 def test_ddp_timeout_flag_is_checked_and_only_collective_failures_are_caught():
     from tdm.config import UsageError, parse_args
-    from train_tdm import lost_peer
+    from tdm.survival import lost_peer
 
     assert parse_args(["--ddp_timeout", "45"]).ddp_timeout == 45
     assert parse_args([]).ddp_timeout == 1800

@@ -163,7 +163,7 @@ def test_the_statistics_have_their_textbook_values_and_power():
 # -- TDM.draw: both updates' draws -----------------------------------------------------------
 def tdm(K=4, T=900, separate=False, randmid=False, share=False, unify=(), seed=0) -> TDM:
     path = GaussianPath.from_alphas_cumprod(torch.linspace(0.999, 0.001, 1000, dtype=torch.float64))
-    config = TDMConfig(separate=separate, randmid=randmid, share_step_draw=share, unify_steps=unify)
+    config = TDMConfig(use_separate=separate, use_randmid=randmid, share_step_draw=share, unify_steps=unify)
     return TDM(path, StepGrid.uniform(K, T), config, TrainingRNG("cpu", seed))
 
 

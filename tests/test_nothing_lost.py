@@ -349,10 +349,10 @@ def checkpoint_copy(finished_run, tmp_path):
 
 
 def expected_files(**overrides):
-    import train_tdm
     from tdm.config import parse_args
+    from tdm.survival import checkpoint_files
 
-    return train_tdm.checkpoint_files(parse_args([]).replace(**overrides), 1, sharded=False)
+    return checkpoint_files(parse_args([]).replace(**overrides), 1, sharded=False)
 
 
 STRUCTURAL_DAMAGE = {   # damage to a manifest-less checkpoint -> what the refusal names

@@ -72,7 +72,7 @@ def test_fake_score_loss_trains_only_the_fake_score(backbone):
     fake_net = backbone.load_denoiser()
     attach_lora(fake_net, 4, 4, backbone.lora_target_modules)
     cond = backbone.encode_prompts(PROMPTS)
-    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(separate=True))
+    tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(use_separate=True))
     iteration = tdm.start(backbone.denoiser(student_net), cond, backbone.encode_prompts([""]),
                           (4, 16, 16), "cpu")
     loss = iteration.fake_score_loss(backbone.denoiser(fake_net))

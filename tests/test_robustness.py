@@ -16,7 +16,7 @@ from tdm.checkpoint import latest_checkpoint
 
 TRAIN = os.path.join(ROOT, "train_tdm.py")
 INFER = os.path.join(ROOT, "infer_tdm.py")
-FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")   # train_tdm.py with NaN losses at given steps
+FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")   # train_tdm.py with NaN losses, slow saves
 
 
 def tiny_run(model, out, steps, *extra):
@@ -110,9 +110,9 @@ def test_lora_file_of_another_model_is_refused(tiny_pixart, tmp_path):
 
 
 # -- checkpoints, preemption, non-finite values ------------------------------------------------
-def start(argv, env_extra=None):
+def start(argv, env_extra=None, script=(TRAIN,)):
     env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
-    return subprocess.Popen([sys.executable, TRAIN, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *script, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -130,7 +130,8 @@ def test_killed_save_leaves_the_previous_checkpoint_intact(tiny_pixart, tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     before = load_file(str(out / "checkpoint-2" / "lora.safetensors"))
     proc = start(tiny_run(tiny_pixart, out, 6, "--checkpointing_steps", "1", "--checkpoints_total_limit",
-                          "1", "--resume_from_checkpoint", "latest"), {"TDM_TEST_SAVE_DELAY": "60"})
+                          "1", "--resume_from_checkpoint", "latest"), {"TDM_TEST_SAVE_DELAY": "60"},
+                 script=(FAULTS, ""))   # every save held 60 s before its manifest
     wait_for(lambda: (out / "checkpoint-3.incomplete" / "lora.safetensors").exists())
     proc.send_signal(signal.SIGKILL)
     proc.wait()

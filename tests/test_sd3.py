@@ -98,7 +98,7 @@ def test_training_losses_reach_only_their_network(sd3):
         attach_lora(net, 4, 4, sd3.lora_target_modules)
     cond, uncond = sd3.encode_prompts(PROMPTS), sd3.encode_prompts([""])
     teacher, student, fake = (sd3.denoiser(n) for n in (teacher_net, student_net, fake_net))
-    tdm = TDM(sd3.path, StepGrid.uniform(4, 1000), TDMConfig(cfg=7.0, separate=True))
+    tdm = TDM(sd3.path, StepGrid.uniform(4, 1000), TDMConfig(cfg=7.0, use_separate=True))
     iteration = tdm.start(student, cond, uncond, LATENT, "cpu")
     iteration.fake_score_loss(fake).backward()
     assert all(p.grad is None for p in student_net.parameters())

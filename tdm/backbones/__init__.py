@@ -7,7 +7,7 @@ import os
 import pkgutil
 from typing import Optional
 
-from ..checks import did_you_mean
+from ..checks import UsageError, did_you_mean, model_error
 from .base import Backbone, Denoiser
 
 
@@ -65,4 +65,29 @@ def load_backbone(model_path: str, name: str = "auto", revision: Optional[str] =
     return cls(model_path, revision=revision, variant=variant, options=options, resolution=resolution)
 
 
-__all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "pipeline_class_name"]
+def load_for_training(args, grid) -> tuple:
+    """The backbone of --pretrained_model_name_or_path, refused in one line where the flags do not
+    fit it; returns it and the guidance embedding the student is trained with."""
+    try:
+        backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
+                                 args.variant, args.backbone_options, args.resolution)
+    except (OSError, ValueError, KeyError) as error:   # missing, not a pipeline, unreachable
+        raise model_error("--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                          error) from None
+    try:
+        backbone.check_fit(args)
+        guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
+        raise UsageError("--export_format kohya needs --train_mode lora on a UNet backbone (SD1.x, SDXL)")
+    if args.max_sequence_length:
+        backbone.max_sequence_length = args.max_sequence_length
+    if grid.timesteps[0] >= backbone.path.num_timesteps:
+        raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
+                         f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
+    return backbone, guidance_embedding
+
+
+__all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "load_for_training",
+           "pipeline_class_name"]
