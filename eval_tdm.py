@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from infer_tdm import as_teacher, sample_student, sampling_timesteps, student_pipeline
+from infer_tdm import (DTYPES, SAMPLERS, as_teacher, inference_dtype, sample_student, sampling_timesteps,
+                       student_pipeline)
 from tdm.checks import (Number, Parser, UsageError, check_writable_folder, choice, did_you_mean,
                         first_line, model_error)
 from tdm.config import DEFAULT_MODEL, SEED, int_list
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Student grid; default: the training grid (or k·T/K − 1).")
-    p.add_argument("--sampler", **choice("grid", "upstream"), default="grid",
+    p.add_argument("--sampler", **choice(*SAMPLERS), default="grid",
                    help="Student sampler, as in infer_tdm.py.")
     p.add_argument("--flow_shift", type=Number(float, above=0), default=None)
     p.add_argument("--teacher_steps", type=Number(int, low=0), default=25,
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_images", action="store_true",
                    help="Also write every sample to OUTPUT_DIR/{student,teacher}/NNNNN.png.")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", **choice("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", **choice(*DTYPES), default=None,
                    help="Default: fp16 on CUDA, fp32 on CPU.")
     return p
 
@@ -284,8 +285,7 @@ def run(argv=None) -> int:
     if cls.is_video or not cls.pipeline_class_names:
         raise UsageError(f"eval_tdm.py scores text-to-image pipelines; {cls.name} is not one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = inference_dtype(args.dtype, device)
     status, scorers, fid = metric_models(args, wanted, len(prompts), extractor, device)
     fid_reference = args.reference_dir or "teacher"
 

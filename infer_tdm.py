@@ -24,6 +24,13 @@ from tdm.data import load_prompts
 
 VIDEO_EXTENSIONS = (".mp4", ".gif")
 TOY_TEACHER_STEPS = 50
+SAMPLERS = ("grid", "upstream")   # --sampler of infer_tdm.py and eval_tdm.py
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # --dtype
+
+
+def inference_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """--dtype, or its default: fp16 on CUDA, fp32 elsewhere."""
+    return DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=Number(int, low=1), default=4)
     p.add_argument("--timesteps", type=int_list, default=None,
                    help="Explicit grid; default: the training grid (or k·T/K − 1).")
-    p.add_argument("--sampler", **choice("grid", "upstream"), default="grid",
+    p.add_argument("--sampler", **choice(*SAMPLERS), default="grid",
                    help="grid: the exact training rollout on the student's grid; upstream: the "
                    "sampler of the family's published TDM snippet (DPM-Solver++ multistep).")
     p.add_argument("--flow_shift", type=Number(float, above=0), default=None,
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=Number(int, low=1), default=20000,
                    help="toy2d: points per scatter panel.")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", **choice("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", **choice(*DTYPES), default=None,
                    help="Default: fp16 on CUDA, fp32 on CPU.")
     return p
 
@@ -215,8 +222,7 @@ def run(argv=None) -> int:
         raise UsageError("give --prompt (repeatable) or --prompts_file")
     teacher_guidance = teacher_cfg(args, config)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = inference_dtype(args.dtype, device)
     timesteps = sampling_timesteps(args.num_inference_steps, config, args.timesteps)
     pipe, backbone = student_pipeline(model_path, weights, args.lora_scale, dtype, device,
                                       config.get("backbone", "auto"), config.get("backbone_options"),

@@ -202,6 +202,7 @@ def card_snippet(card: str) -> str:
 
 def test_model_card_front_matter_and_snippet_reproduce_infer_tdm(lora_export, tmp_path):
     """The card's loading snippet, run as written, samples what infer_tdm.py samples."""
+    import eval_tdm
     import infer_tdm
     from tdm.model_card import EXAMPLE_PROMPT
 
@@ -228,6 +229,7 @@ def test_model_card_front_matter_and_snippet_reproduce_infer_tdm(lora_export, tm
 def test_model_card_of_a_full_student_loads_its_folder(tiny_pixart, backbone, tmp_path):
     """The generic snippet (pipeline_class_names[0], the denoiser class as a component) runs for a
     full export and loads the student's weights, not the teacher's."""
+    import eval_tdm
     import infer_tdm
     from tdm.config import parse_args
     from tdm.model_card import EXAMPLE_PROMPT, write_model_card
@@ -440,3 +442,17 @@ def test_no_requested_metric_can_run_is_one_line_before_any_sampling(lora_export
     assert rc == 2 and err[-1].startswith("error: --metrics hpsv2: none can run here (hpsv2: hpsv2 "
                                           "is installed but it fails at import (FileNotFoundError")
     assert not out.exists() and (lora_export / "README.md").read_text() == card
+
+
+def test_infer_and_eval_read_one_list_of_samplers_and_dtypes():
+    """--sampler and --dtype: the choices written once (infer_tdm) and their default by device."""
+    import eval_tdm
+    import infer_tdm
+
+    for parser in (infer_tdm.build_parser(), eval_tdm.build_parser()):
+        actions = {a.dest: a for a in parser._actions}
+        assert tuple(actions["sampler"].choices) == ("grid", "upstream")
+        assert tuple(actions["dtype"].choices) == ("fp32", "fp16", "bf16")
+    assert infer_tdm.inference_dtype(None, torch.device("cpu")) == torch.float32
+    assert infer_tdm.inference_dtype(None, torch.device("cuda")) == torch.float16
+    assert infer_tdm.inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
