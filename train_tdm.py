@@ -40,9 +40,9 @@ from tdm.networks import build_networks, enable_xformers
 from tdm.plan import warn_if_over_memory
 from tdm.run_folder import plan_start, start_in_folder
 from tdm.step_condition import step_tables
-from tdm.survival import (Survival, TrainingStopped, all_finite, checkpoint_files, load_checkpoint,
-                          log_resume, lost_peer, lost_peer_message, register_checkpoint_hooks,
-                          resume_position, student_checksums)
+from tdm.survival import (Survival, TrainingStopped, all_finite, checkpoint_files, exit_process,
+                          load_checkpoint, log_resume, lost_peer, lost_peer_message,
+                          register_checkpoint_hooks, resume_position, student_checksums)
 from tdm.trajectory import StepGrid
 from tdm.validation import log_measures, validation_measures
 
@@ -343,4 +343,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_tdm  # noqa: E402
 from tdm import checkpoint  # noqa: E402
 from tdm.method import TDM, Iteration  # noqa: E402
+from tdm.survival import exit_process  # noqa: E402
 
 
 def inject(steps) -> None:
@@ -55,4 +56,4 @@ if __name__ == "__main__":
     inject({int(s) for s in sys.argv[1].split(",") if s})
     if os.environ.get("TDM_TEST_SAVE_DELAY"):
         delay_saves(float(os.environ["TDM_TEST_SAVE_DELAY"]))
-    sys.exit(train_tdm.cli(sys.argv[2:]))
+    exit_process(train_tdm.cli(sys.argv[2:]))   # as train_tdm.py's own entry

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tdm  # noqa: E402
 from tdm.method import TDM, Iteration  # noqa: E402
+from tdm.survival import exit_process  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -79,4 +80,4 @@ if __name__ == "__main__":
     code = train_tdm.cli(sys.argv[1:])
     if write:
         write()
-    sys.exit(code)
+    exit_process(code)   # as train_tdm.py's own entry

@@ -175,3 +175,18 @@ def test_ddp_timeout_flag_is_checked_and_only_collective_failures_are_caught():
         parse_args(["--ddp_timeout", "0"])
     # without a process group nothing is a lost peer: ordinary errors keep their traceback
     assert not lost_peer(RuntimeError("[gloo] Connection closed by peer"))
+
+
+@pytest.mark.slow
+def test_a_rank_exits_with_its_code_and_its_output_flushed():
+    """tdm.survival.exit_process: one process alone exits through SystemExit; a rank of a
+    multi-process launch skips the interpreter's C++ teardown (which aborted finished ranks) but
+    keeps its code and everything it printed or logged."""
+    script = ("import logging, sys\nfrom tdm.survival import exit_process\n"
+              "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+              "print('to stdout', end='')\nlogging.getLogger('tdm').info('logged')\nexit_process(3)\n")
+    for world in ("1", "2"):
+        env = dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE=world)
+        done = subprocess.run([sys.executable, "-c", script], env=env, text=True, capture_output=True)
+        assert (done.returncode, done.stdout) == (3, "to stdout"), world
+        assert done.stderr.strip() == "INFO:tdm:logged", world
