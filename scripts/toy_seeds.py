@@ -139,6 +139,8 @@ def run(argv) -> None:
     p.add_argument("--tag", required=True)
     p.add_argument("--trace_steps", type=int, default=100)
     p.add_argument("--fake_updates", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an earlier run of the same tag, mixture and seed (else refused).")
     job, flags = p.parse_known_args(argv)
     torch.set_num_threads(1)
     import train_tdm
@@ -152,6 +154,8 @@ def run(argv) -> None:
     ensure_teacher(teacher, opts)
     seconds = {"teacher": time.time() - start}
     out = os.path.join(OUT, job.tag, f"{job.mixture}_s{job.seed}")
+    if os.path.isdir(out) and os.listdir(out) and not job.overwrite:
+        raise SystemExit(f"error: {out} holds a run; pass --overwrite to replace it")
     args = parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
                        "--pretrained_model_name_or_path", teacher, "--backbone_options", json.dumps(opts),
                        "--output_dir", out, "--seed", str(job.seed), "--overwrite_output_dir",
@@ -165,7 +169,9 @@ def run(argv) -> None:
     if job.fake_updates > 1:
         add_fake_updates(train_tdm, job.fake_updates - 1)
     start = time.time()
-    train_tdm.main(args)
+    code = train_tdm.main(args)
+    if code != 0 or not os.path.isdir(os.path.join(out, "denoiser")):   # stopped: nothing to score
+        raise SystemExit(f"error: training of {out} ended without an export (exit {code}); not evaluated")
     seconds["train"] = time.time() - start
     start = time.time()
     cached = os.path.join(teacher, f"eval_seed{job.seed}.json")

@@ -456,3 +456,12 @@ def test_infer_and_eval_read_one_list_of_samplers_and_dtypes():
     assert infer_tdm.inference_dtype(None, torch.device("cpu")) == torch.float32
     assert infer_tdm.inference_dtype(None, torch.device("cuda")) == torch.float16
     assert infer_tdm.inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_mean_and_error_by_hand():
+    """The ± of per-image metrics: the sample standard deviation (n − 1) over √n."""
+    from tdm.evaluation import mean_and_error
+
+    mean, sem = mean_and_error([1.0, 2.0, 3.0, 6.0])   # mean 3, Σ(x − 3)² = 14, s² = 14/3
+    assert mean == 3.0 and sem == pytest.approx((14 / 3) ** 0.5 / 2, rel=1e-15)
+    assert mean_and_error([5.0]) == (5.0, None) and mean_and_error([]) == (None, None)
