@@ -232,7 +232,7 @@ class TDM:
 
         conds = self.teacher_conditions(x_t, cond, uncond)
         calls = [(teacher, c) for c in conds] + [(fake_score, fake_score_cond)]
-        outputs = joint_call(calls, torch.cat([x_t] * len(calls)), torch.cat([t] * len(calls)))
+        outputs = joint_call(calls, x_t, t)
         if outputs is None:
             return (self.teacher_x0(teacher, x_t, t, cond, uncond),
                     fake_score(x_t, t, fake_score_cond)[0])

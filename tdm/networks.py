@@ -204,10 +204,10 @@ def lora_networks(backbone: Backbone, weight_dtype, device, rank: int, alpha: fl
 
 
 def joint_call(calls: list, x: torch.Tensor, t: torch.Tensor) -> Optional[list]:
-    """[(x̂0, ε̂)] of each (denoiser, condition) in `calls`, each on its row block of (x, t), in one
-    forward of their shared network, each row block as its role (tdm.roles.Call.rows). None where
-    they cannot share one: other networks, or conditions that differ in more than step conditions
-    (which the step-embedding hook reads per block)."""
+    """[(x̂0, ε̂)] of each (denoiser, condition) in `calls` at the same (x, t): one forward of
+    their shared network on x, t repeated once per call, each row block as its role
+    (tdm.roles.Call.rows). None where they cannot share one: other networks, or conditions that
+    differ in more than step conditions (which the step-embedding hook reads per block)."""
     from .step_condition import NUM_STEPS, STEP_INDEX
 
     denoisers = [d for d, _ in calls]
@@ -225,6 +225,7 @@ def joint_call(calls: list, x: torch.Tensor, t: torch.Tensor) -> Optional[list]:
         rows.append((denoiser.role, start, start + size, cond))
         start += size
     cond = cat_conditions(*[{k: c[k] for k in keys[0]} for _, c in calls])
+    x, t = torch.cat([x] * len(calls)), torch.cat([t] * len(calls))   # only once they share one
     with first.scope.acting(None, None, rows=tuple(rows)):
         out = backbone.model_output(first.module, x, t, cond)
     x0, eps = backbone.path.x0_eps(out, x, t, backbone.prediction_type)

@@ -194,7 +194,7 @@ def test_joint_call_is_each_role_on_its_rows(backbone):
     fake_cond = {**cond, STEP_INDEX: torch.tensor([1, 3])}
     calls = [(nets.teacher, cond), (nets.teacher, uncond), (nets.fake_score, fake_cond)]
     with torch.no_grad():
-        joint = joint_call(calls, torch.cat([x] * 3), torch.cat([t] * 3))
+        joint = joint_call(calls, x, t)
         separate = [denoiser(x, t, c) for denoiser, c in calls]
         other_k = nets.fake_score(x, t, {**cond, STEP_INDEX: torch.tensor([2, 2])})[0]
     assert (separate[2][0] - other_k).abs().max() > 1e-6   # the step condition matters
