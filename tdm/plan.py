@@ -436,20 +436,45 @@ def plan_in_subprocess(args, num_processes: int = 1, timeout: int = 3600) -> Pla
 
     import yaml
 
-    if os.path.isfile(cache_path(args, num_processes)):
-        return cached_plan(args, num_processes)
+    cached = read_cached_plan(args, num_processes)
+    if cached is not None:
+        return cached
     with tempfile.TemporaryDirectory(prefix="tdm-plan-") as scratch:
         config = os.path.join(scratch, "run.yaml")
         with open(config, "w") as f:
             yaml.safe_dump({**{k: v for k, v in args._flags.items() if k != "config"},
                             "mixed_precision": args.mixed_precision}, f)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run([sys.executable, "-m", "tdm.plan", "--config", config, "--json",
                                "--num_processes", str(num_processes)],
-                              capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+                              capture_output=True, text=True, timeout=timeout, env=planner_environment())
     if proc.returncode:
         raise RuntimeError((proc.stderr.strip() or "no output").splitlines()[-1])
     return Plan(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def read_cached_plan(args, num_processes: int = 1) -> Optional[Plan]:
+    """The cached plan of `args`, or None: never plans in this process."""
+    try:
+        with open(cache_path(args, num_processes)) as f:
+            return Plan(**json.load(f))
+    except FileNotFoundError:
+        return None
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+LAUNCHER_PREFIXES = ("MASTER_", "TORCHELASTIC_", "ACCELERATE_", "FSDP_")
+
+
+def planner_environment() -> dict:
+    """The environment of the planning subprocess: this one without what a launcher
+    (accelerate, torchrun) set for the run's processes, so the planner joins no process group
+    and starts no distributed backend, and without GPUs (it plans on a simulated device)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def memory_warning(planned: Plan, capacity: int, device: str = "this GPU") -> Optional[str]:
@@ -464,14 +489,21 @@ def memory_warning(planned: Plan, capacity: int, device: str = "this GPU") -> Op
 
 def warn_if_over_memory(args, accelerator) -> None:
     """train_tdm.build, before any weight is loaded: the memory_warning of this run on a CUDA
-    device (main process; planned once per config in a subprocess, then cached)."""
+    device (main process; planned once per config in a subprocess, then cached; a launch of
+    several processes only reads a cached plan)."""
     if accelerator.device.type != "cuda" or not accelerator.is_main_process:
         return
     args = args.replace(mixed_precision=accelerator.mixed_precision)   # as accelerate resolved it
-    if not os.path.isfile(cache_path(args, accelerator.num_processes)):
+    processes = accelerator.num_processes
+    if not os.path.isfile(cache_path(args, processes)):
+        if processes > 1:   # the other ranks would wait for the plan in their first collective
+            logging.getLogger("tdm").info(
+                "no memory plan cached for this run: scripts/plan.py with the same flags and "
+                f"--num_processes {processes} plans it (minutes, on the CPU) before a launch")
+            return
         logging.getLogger("tdm").info("planning this run's memory on the CPU (once per config)")
     try:
-        planned = plan_in_subprocess(args, accelerator.num_processes)
+        planned = plan_in_subprocess(args, processes)
     except Exception as error:   # advice only: a plan that cannot be made never stops training
         print(f"warning: could not plan this run's memory ({error})", file=sys.stderr)
         return

@@ -204,7 +204,44 @@ def test_train_tdm_plans_in_a_subprocess_once_per_config(tiny_models, tmp_path, 
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     args = train_args(tiny_models("pixart"), str(tmp_path / "run"), ["--train_batch_size", "4"])
-    planned = plan_in_subprocess(args)
+    with monkeypatch.context() as launched:   # as a launcher sets them for the run's ranks
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+            launched.setenv(name, value)
+        planned = plan_in_subprocess(args, timeout=600)
     assert os.path.isfile(cache_path(args)) and cached_plan(args) == planned
     assert planned.settings["train_batch_size"] == 4
     assert planned.peak == plan(args).peak      # the flags went through the YAML unchanged
+
+
+def test_the_planner_runs_outside_the_launch(monkeypatch):
+    """The planning subprocess gets no launcher variables (it would join the run's process group)
+    and no GPU; the rest of the environment is kept."""
+    from tdm.plan import planner_environment
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                 "ACCELERATE_MIXED_PRECISION", "FSDP_SHARDING_STRATEGY", "KEEP_ME"):
+        monkeypatch.setenv(name, "1")
+    env = planner_environment()
+    assert env["KEEP_ME"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "ACCELERATE_MIXED_PRECISION", "FSDP_SHARDING_STRATEGY"} & set(env)
+
+
+def test_a_launch_of_several_processes_plans_nothing_before_training(tiny_models, tmp_path, monkeypatch,
+                                                                      caplog):
+    """warn_if_over_memory on rank 0 of a 2-process CUDA launch without a cached plan: no planning
+    (the other ranks would wait in their first collective), one hint, no cache written."""
+    import logging
+    from types import SimpleNamespace
+
+    from tdm import plan as planner
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(planner, "plan_in_subprocess", lambda *a, **k: pytest.fail("planned"))
+    args = train_args(tiny_models("pixart"), str(tmp_path / "run"))
+    accelerator = SimpleNamespace(device=torch.device("cuda", 0), is_main_process=True, num_processes=2,
+                                  mixed_precision="bf16")
+    with caplog.at_level(logging.INFO, logger="tdm"):
+        assert planner.warn_if_over_memory(args, accelerator) is None
+    assert "--num_processes 2" in caplog.text and not os.path.exists(tmp_path / "cache")
