@@ -195,10 +195,11 @@ def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
 
 
 def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer,
-                  student_optimizer, lr_scheduler, max_grad_norm):
+                  student_optimizer, lr_scheduler, max_grad_norm, fake_score_updates=1):
     """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5): the fake-score
-    update, then the student update against teacher minus the updated fake score. Returns both
-    losses and how many of the two updates were skipped for non-finite values.
+    update(s), then the student update against teacher minus the updated fake score. ψ takes
+    `fake_score_updates` updates (§4), each on a fresh rollout and draw; θ reads the last one's.
+    Returns the last fake-score loss, the student loss and how many updates were skipped.
 
     Roles: θ rolls out without gradient, ψ takes its loss, then θ its own, with φ and the updated ψ
     read without gradient. `student`/`fake_score` train (full mode: DDP-wrapped, the backward
@@ -208,18 +209,22 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
     Each update's forward gets its own autocast region: autocast caches the low-precision copy
     of every trainable weight until its region ends, so one region around both updates would
     let the student update read the fake score ψ from before its optimiser step."""
+    skipped = 0
     with accelerator.accumulate(*networks.wrapped):
-        with accelerator.autocast():
-            iteration = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
-            fake_score_loss = iteration.fake_score_loss(networks.fake_score)
-        fake_score_applied = update(accelerator, networks, fake_score_loss, fake_score_optimizer,
-                                    networks.fake_score_params)
+        for extra in range(fake_score_updates):
+            last = extra == fake_score_updates - 1   # the iteration the student update reads
+            with accelerator.autocast():
+                iteration = tdm.start(networks.student_eval, cond, uncond, latent_shape,
+                                      accelerator.device, student_update=last)
+                fake_score_loss = iteration.fake_score_loss(networks.fake_score)
+            skipped += not update(accelerator, networks, fake_score_loss, fake_score_optimizer,
+                                  networks.fake_score_params)
         with accelerator.autocast():
             student_loss = iteration.student_loss(networks.student, networks.teacher,
                                                   networks.fake_score_eval)
-        student_applied = update(accelerator, networks, student_loss, student_optimizer,
-                                 networks.student_params, max_grad_norm, lr_scheduler)
-    return fake_score_loss, student_loss, (not fake_score_applied) + (not student_applied)
+        skipped += not update(accelerator, networks, student_loss, student_optimizer,
+                              networks.student_params, max_grad_norm, lr_scheduler)
+    return fake_score_loss, student_loss, skipped
 
 
 @torch.no_grad()
@@ -287,7 +292,8 @@ def main(args) -> int:
         for batch_prompts in batches:
             fake_score_loss, student_loss, skipped = tdm_iteration(
                 accelerator, tdm, networks, run.encode(batch_prompts), run.uncond, run.latent_shape,
-                run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler, args.max_grad_norm)
+                run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler, args.max_grad_norm,
+                args.fake_score_updates)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1

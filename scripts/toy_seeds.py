@@ -15,9 +15,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
 update since the previous line — train_tdm's update and log_validation are wrapped for it, so
-the training itself is unchanged. --fake_updates N adds N − 1 fake-score updates, each on a
-fresh rollout, before every iteration (two time-scale updates, as DMD2's); it is not a flag of
-train_tdm.py. Runs go to outputs/toy_seeds/TAG/MIXTURE_sSEED, teachers to
+the training itself is unchanged. Runs go to outputs/toy_seeds/TAG/MIXTURE_sSEED, teachers to
 outputs/toy_seeds/teachers, one line per run to outputs/toy_seeds/log.jsonl.
 """
 import argparse
@@ -117,28 +115,12 @@ def wrap_update(train_tdm, tracer):
     train_tdm.log_validation = tracer
 
 
-def add_fake_updates(train_tdm, extra: int):
-    """`extra` fake-score updates, each on a fresh rollout and draw, before every iteration."""
-    iteration = train_tdm.tdm_iteration
-
-    def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer, *rest):
-        for _ in range(extra):
-            with accelerator.accumulate(*networks.wrapped):
-                start = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
-                train_tdm.update(accelerator, networks, start.fake_score_loss(networks.fake_score),
-                                 fake_score_optimizer, networks.fake_score_params)
-        return iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer, *rest)
-
-    train_tdm.tdm_iteration = tdm_iteration
-
-
 def run(argv) -> None:
     p = argparse.ArgumentParser(prog="toy_seeds.py run")
     p.add_argument("--mixture", required=True, choices=sorted(MIXTURES))
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--tag", required=True)
     p.add_argument("--trace_steps", type=int, default=100)
-    p.add_argument("--fake_updates", type=int, default=1)
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an earlier run of the same tag, mixture and seed (else refused).")
     job, flags = p.parse_known_args(argv)
@@ -166,8 +148,6 @@ def run(argv) -> None:
     if os.path.exists(trace):
         os.remove(trace)
     wrap_update(train_tdm, Tracer(backbone, trace))
-    if job.fake_updates > 1:
-        add_fake_updates(train_tdm, job.fake_updates - 1)
     start = time.time()
     code = train_tdm.main(args)
     if code != 0 or not os.path.isdir(os.path.join(out, "denoiser")):   # stopped: nothing to score
@@ -183,7 +163,7 @@ def run(argv) -> None:
         teacher_eval = json.load(f)
     student = evaluate(backbone, backbone.load_student(out), args.timesteps, job.seed, ("student_4step",))
     seconds["eval"] = time.time() - start
-    result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "flags": flags, "fake_updates": job.fake_updates,
+    result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "flags": flags,
               "student_swd": student["swd"]["student_4step"], "student_mmd": student["mmd"]["student_4step"],
               "teacher_swd": teacher_eval["swd"]["teacher_ddim50"],
               "teacher_mmd": teacher_eval["mmd"]["teacher_ddim50"],

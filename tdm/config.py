@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fake-score lr; the student's is learning_rate × --generator_lr_ratio.")
     g.add_argument("--generator_lr_ratio", type=Number(float, above=0), default=0.2,
                    help="Generator lr = learning_rate × this (the authors' demo command: 1/5).")
+    g.add_argument("--fake_score_updates", type=Number(int, low=1), default=1,
+                   help="Fake-score updates per student update, each on a fresh rollout and draw "
+                   "(two time-scale updates: ψ follows θ more closely; docs/method.md §4).")
     g.add_argument("--lr_scheduler", type=Choice(lr_scheduler_names), default="constant",
                    help="diffusers get_scheduler name; applies to the student only.")
     g.add_argument("--lr_warmup_steps", type=Number(int, low=0), default=0,
@@ -365,6 +368,9 @@ def check_args(args, given=()) -> None:
             raise UsageError(f"--timesteps has {len(ts)} steps but --num_steps is {args.num_steps}")
     elif args.total_steps < num_steps:
         raise UsageError(f"--total_steps ({args.total_steps}) must be >= --num_steps ({num_steps})")
+    if args.fake_score_updates > 1 and args.gradient_accumulation_steps > 1:
+        raise UsageError("--fake_score_updates > 1 steps the fake score several times per iteration; "
+                         "it cannot accumulate gradients: drop --gradient_accumulation_steps")
     if args.export_ema and not args.use_ema:
         raise UsageError("--export_ema needs --use_ema")
     if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":

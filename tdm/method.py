@@ -104,7 +104,7 @@ class Iteration:
     uncond: dict                # the empty prompt's condition, one row per sample
     num_steps: int              # K of this iteration
     fake_score_draw: Draw
-    student_draw: Draw
+    student_draw: Optional[Draw]   # None: started for a fake-score update only
     trajectory: Rollout
 
     def fake_score_loss(self, fake_score: DenoiserFn) -> torch.Tensor:
@@ -121,6 +121,9 @@ class Iteration:
         """§5. The gradient reaches θ only through x̂0 of the one student step at the draw's k;
         `fake_score` is ψ after its update of this iteration."""
         tdm, draw = self.tdm, self.student_draw
+        if draw is None:   # the rollout stopped where the fake-score draw needed it
+            raise ValueError("this iteration was started for a fake-score update only "
+                             "(TDM.start(student_update=False)): it has no student draw")
         state, _, _ = self.trajectory.at(draw.k)
         x0, eps = student(state, draw.t_g, tdm.student_condition(self.cond, self.num_steps))
         n = tdm.randn(x0.shape, x0.device)
@@ -151,20 +154,25 @@ class TDM:
         return sorted(self.grids)
 
     def start(self, student: DenoiserFn, cond: dict, uncond: dict, latent_shape: tuple,
-              device) -> Iteration:
+              device, student_update: bool = True) -> Iteration:
         """Draw this iteration's K and both updates' draws, then roll the student out from pure
         noise, each sample only as deep as its draws need (lazy rollout: the fake-score update
         reads the prediction AT step k, K − k + 1 forwards; the student update only the state
-        BEFORE step k, K − k forwards). `uncond` has one row (the empty prompt)."""
+        BEFORE step k, K − k forwards). `uncond` has one row (the empty prompt).
+        `student_update=False`: an extra fake-score update (--fake_score_updates, §4), rolled out
+        only as deep as its own draw; its iteration has no student loss."""
         batch = next(iter(cond.values())).shape[0]
         noise = self.randn((batch, *latent_shape), device)
         K = self.draw_num_steps()
-        fake_score_draw, student_draw = self.draw(K, batch, device)
-        depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)   # on the host
-                 if self.config.lazy_rollout else None)
+        fake_score_draw, student_draw = self.draw(K, batch, device)   # both: one stream either way
+        depth = None
+        if self.config.lazy_rollout:   # on the host
+            depth = K - fake_score_draw.k + 1
+            if student_update:
+                depth = torch.maximum(depth, K - student_draw.k)
         trajectory = self.rollout(student, noise, cond, depth, K)
         return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
-                         student_draw.to(device), trajectory)
+                         student_draw.to(device) if student_update else None, trajectory)
 
     def draw_num_steps(self) -> int:
         """K of this iteration (§6): uniform over the unify set, the same on every process."""

@@ -152,11 +152,14 @@ def record_draws(tdm) -> List[dict]:
 
 
 def as_draws(iteration: dict) -> Draws:
-    """One recorded iteration: z first, then the fake-score update's n, then the student's."""
-    assert len(iteration["noise"]) == 3, f"{len(iteration['noise'])} noise draws in one iteration"
-    z, fake_score_noise, student_noise = iteration["noise"]
+    """One recorded start: z first, then the fake-score update's n, then the student's; a start
+    for a fake-score update only (--fake_score_updates) has no student draw and no third noise."""
+    assert len(iteration["noise"]) in (2, 3), f"{len(iteration['noise'])} noise draws in one start"
+    z, fake_score_noise, *student_noise = iteration["noise"]
     fake_score_draw, student_draw = iteration["draws"]
-    return Draws(iteration["K"], z, fake_score_draw, student_draw, fake_score_noise, student_noise)
+    if not student_noise:
+        return Draws(iteration["K"], z, fake_score_draw, None, fake_score_noise, None)
+    return Draws(iteration["K"], z, fake_score_draw, student_draw, fake_score_noise, student_noise[0])
 
 
 class Production:
@@ -213,11 +216,23 @@ class Production:
                 fake_score_loss, student_loss, skipped = train_tdm.tdm_iteration(
                     run.accelerator, run.tdm, run.networks, self.encode(prompts), self.uncond,
                     run.latent_shape, run.fake_score_optimizer, run.student_optimizer,
-                    run.lr_scheduler, self.args.max_grad_norm)
+                    run.lr_scheduler, self.args.max_grad_norm, self.args.fake_score_updates)
             assert skipped == 0
         change = lambda ps: {n: p.detach() - self.before[id(p)] for n, p in ps.items()}  # noqa: E731
         return Record(fake_score_loss.item(), student_loss.item(), self.grads["fake_score"],
                       self.grads["student"], change(self.fake_score), change(self.student))
+
+
+def iterations(starts: List[Draws]) -> List[tuple]:
+    """Recorded starts grouped per iteration: ([fake-score-only starts], the full start)."""
+    grouped, extra = [], []
+    for draws in starts:
+        if draws.student_draw is None:
+            extra.append(draws)
+        else:
+            grouped.append((extra, draws))
+            extra = []
+    return grouped
 
 
 def reference(production: Production, shard_prompts: List[List[List[str]]],
@@ -243,10 +258,13 @@ def _reference(production, args, run, shard_prompts, shard_draws, autocast_dtype
                            production.fake_score_state, args.lora_rank, args.lora_alpha,
                            float64=production.dtype == torch.float64)
     micro_batches = []
+    shard_iterations = [iterations(shard) for shard in shard_draws]
     for i in range(len(shard_prompts[0])):
         prompts = [p for shard in shard_prompts for p in shard[i]]
-        draws = concat_draws([shard[i] for shard in shard_draws])
-        micro_batches.append((backbone.encode_prompts(prompts), backbone.encode_prompts([""]), draws))
+        draws = concat_draws([shard[i][1] for shard in shard_iterations])
+        extra = [concat_draws([shard[i][0][j] for shard in shard_iterations])
+                 for j in range(len(shard_iterations[0][i][0]))]
+        micro_batches.append((backbone.encode_prompts(prompts), backbone.encode_prompts([""]), draws, extra))
     return reference_iteration(plain, settings_from_flags(args._flags), micro_batches,
                                args.learning_rate, args.learning_rate * args.generator_lr_ratio,
                                args.max_grad_norm, autocast_dtype)

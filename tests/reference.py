@@ -317,17 +317,23 @@ class Draws:
     num_steps: int
     noise: torch.Tensor                 # z, pure noise at τ_K
     fake_score_draw: Draw
-    student_draw: Draw
+    student_draw: Optional[Draw]        # None: a fake-score update only (--fake_score_updates)
     fake_score_noise: torch.Tensor      # n of §3.5 for each update
-    student_noise: torch.Tensor
+    student_noise: Optional[torch.Tensor]
 
 
 def concat_draws(shards: List[Draws]) -> Draws:
     """Several processes' draws as one batch (data parallelism); they share K (§6)."""
     assert len({s.num_steps for s in shards}) == 1, "processes drew different K"
-    cat = lambda name: torch.cat([getattr(s, name) for s in shards])  # noqa: E731
-    draw = lambda name: Draw(*(torch.cat([getattr(getattr(s, name), f) for s in shards])  # noqa: E731
-                               for f in ("k", "t_g", "t_e", "t")))
+    def cat(name):
+        parts = [getattr(s, name) for s in shards]
+        return None if parts[0] is None else torch.cat(parts)
+
+    def draw(name):   # None: fake-score-only draws have no student draw
+        parts = [getattr(s, name) for s in shards]
+        return None if parts[0] is None else Draw(*(torch.cat([getattr(d, f) for d in parts])
+                                                    for f in ("k", "t_g", "t_e", "t")))
+
     return Draws(shards[0].num_steps, cat("noise"), draw("fake_score_draw"), draw("student_draw"),
                  cat("fake_score_noise"), cat("student_noise"))
 
@@ -364,6 +370,8 @@ def check_draws(settings: Settings, draws: Draws) -> List[int]:
     assert draws.num_steps in step_counts(settings), f"K = {draws.num_steps} not in {step_counts(settings)}"
     tau = step_grid(settings, draws.num_steps)
     check_draw(settings, tau, draws.fake_score_draw)
+    if draws.student_draw is None:   # a fake-score update only
+        return tau
     check_draw(settings, tau, draws.student_draw)
     if settings.share_step_draw:
         assert torch.equal(draws.student_draw.k, draws.fake_score_draw.k), "k not shared"
@@ -461,10 +469,11 @@ def step_conditions(settings: Settings, K: int, k: Optional[torch.Tensor], batch
 def reference_iteration(nets: PlainNetworks, settings: Settings, micro_batches: List[tuple],
                         lr: float, student_lr: float, max_grad_norm: float,
                         autocast_dtype=None) -> Record:
-    """One optimiser step of each network over `micro_batches` [(cond, uncond, Draws), ...]
+    """One optimiser step of the student over `micro_batches` [(cond, uncond, Draws, extra), ...]
     (`uncond`: the empty prompt's condition, one row): gradient accumulation is the plain mean
     of the micro-batch losses' gradients, the fake score stepping after the last micro-batch's
-    fake backward (before its student loss)."""
+    fake backward (before its student loss). `extra`: the Draws of the fake score's earlier
+    updates of the iteration (--fake_score_updates), each a step of its own on a fresh rollout."""
     path = nets.student.path
     fake_score_opt = adamw(list(nets.fake_score_params.values()), lr)
     student_opt = adamw(list(nets.student_params.values()), student_lr)
@@ -474,21 +483,34 @@ def reference_iteration(nets: PlainNetworks, settings: Settings, micro_batches: 
     losses = []
     autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype
                 else torch.autocast("cpu", enabled=False))
-    for i, (cond, uncond, d) in enumerate(micro_batches):
+    def fake_score_part(d: Draws, cond: dict, guidance):
+        """§2 the full rollout and §4 the fake score ψ's loss on the rollout's own prediction
+        at the fake-score draw's k; returns the loss and the rollout."""
         tau = check_draws(settings, d)
         batch, K = d.noise.shape[0], d.num_steps
-        uncond = {key: v.expand(batch, *v.shape[1:]) for key, v in uncond.items()}
-        guidance = torch.full((batch,), settings.student_guidance) if nets.guidance_input else None
         student_steps = step_conditions(settings, K, None, batch)
         with autocast:
             states, x0s, epss = full_rollout(nets.student, d.noise, cond, student_steps, tau, path, guidance)
-            # §4 the fake score ψ on the rollout's own prediction at the fake-score draw's k
             draw = d.fake_score_draw
             x0, eps = at_step(x0s, draw.k), at_step(epss, draw.k)
             x_t, m = point_of_trajectory(path, x0, eps, draw.t_e, draw.t, d.fake_score_noise)
             fake_steps = step_conditions(settings, K, draw.k, batch)
             x0_fake, _ = nets.fake_score(x_t, draw.t, cond, fake_steps, guidance)
-            fake_loss = fake_score_loss(path, settings, x0_fake, x0, draw.t, m, d.fake_score_noise)
+            return fake_score_loss(path, settings, x0_fake, x0, draw.t, m, d.fake_score_noise), states
+
+    assert n == 1 or not any(extra for *_, extra in micro_batches), "extra fake-score updates accumulate"
+    for i, (cond, uncond, d, extra) in enumerate(micro_batches):
+        batch, K = d.noise.shape[0], d.num_steps
+        uncond = {key: v.expand(batch, *v.shape[1:]) for key, v in uncond.items()}
+        guidance = torch.full((batch,), settings.student_guidance) if nets.guidance_input else None
+        student_steps = step_conditions(settings, K, None, batch)
+        for e in extra:   # --fake_score_updates: ψ's earlier updates, each its own optimiser step
+            assert e.student_draw is None, "an extra fake-score update with a student draw"
+            fake_loss, _ = fake_score_part(e, cond, guidance)
+            fake_loss.backward()
+            fake_score_opt.step()
+            fake_score_opt.zero_grad(set_to_none=True)
+        fake_loss, states = fake_score_part(d, cond, guidance)
         (fake_loss / n).backward()
         if i == n - 1:
             fake_score_grads = {k: p.grad.clone() for k, p in nets.fake_score_params.items()

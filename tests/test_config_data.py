@@ -34,6 +34,14 @@ def test_explicit_timesteps_override_total_steps():
         parse_args(["--cfg", "0"])
 
 
+def test_extra_fake_score_updates_refuse_gradient_accumulation():
+    assert parse_args(["--fake_score_updates", "2"]).fake_score_updates == 2
+    with pytest.raises(UsageError, match="cannot accumulate"):
+        parse_args(["--fake_score_updates", "2", "--gradient_accumulation_steps", "2"])
+    with pytest.raises(UsageError, match="--fake_score_updates must be >= 1"):
+        parse_args(["--fake_score_updates", "0"])
+
+
 def test_the_run_config_is_resolved_once_and_read_only():
     args = parse_args(["--unify_steps", "4,1,2", "--total_steps", "900"])
     assert args.unify_steps == [1, 2, 4] and args.num_steps == 4

@@ -265,3 +265,26 @@ def test_importance_weight_mean_matches_its_closed_form(d, t_e, t, scale):
     expected = mean_weight(rho, math.sqrt(1 - rho**2), eps.pow(2).mean().item(), d)
     z = (w.mean().item() - expected) / (w.std().item() / math.sqrt(DRAWS))
     assert abs(z) < 3.29, f"mean {w.mean().item():.6f}, closed form {expected:.6f}, z = {z:.2f}"
+
+
+def test_a_fake_score_only_start_rolls_out_as_deep_as_its_draw_and_has_no_student_loss():
+    """--fake_score_updates (§4): an extra fake-score update's rollout stops after step k of its
+    own draw (K − k + 1 forwards per sample, counted here), draws from the same stream as a full
+    start, and its iteration refuses a student loss (its states past that depth were not computed)."""
+    calls = []
+
+    def student(x, t, cond):   # counts the rows each forward computes
+        calls.append(x.shape[0])
+        return 0.5 * x, 0.1 * x
+
+    cond, uncond = {"c": torch.zeros(64, 1)}, {"c": torch.zeros(1, 1)}
+    full, extra = tdm(seed=3), tdm(seed=3)
+    full.start(student, cond, uncond, (2,), "cpu")
+    rows_full, calls[:] = sum(calls), []
+    iteration = extra.start(student, cond, uncond, (2,), "cpu", student_update=False)
+    k = iteration.fake_score_draw.k
+    assert sum(calls) == int((4 - k + 1).sum()) < rows_full
+    assert iteration.student_draw is None
+    assert torch.equal(extra.rng.rng.get_state(), full.rng.rng.get_state())   # the same draws made
+    with pytest.raises(ValueError, match="fake-score update only"):
+        iteration.student_loss(student, student, student)

@@ -60,6 +60,7 @@ PIXART_OPTIONS = {
     "share_step_draw": ["--share_step_draw"],
     "mode2_randmid": ["--use_randmid", "--total_steps", "1000"],   # the only case without mode 1
     "full_rollout": ["--full_rollout"],
+    "fake_score_updates": ["--fake_score_updates", "3"],   # two extra ψ steps, each on its own rollout
     "no_clipping_cfg1": ["--max_grad_norm", "0", "--cfg", "1.0"],
 }
 

@@ -545,8 +545,8 @@ def test_infer_samples_the_toy_student_beside_its_teacher(tiny_models, tmp_path,
 def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_path, monkeypatch):
     """scripts/toy_seeds.py: with its trace the run's losses equal a plain run's; the trace's last
     line equals SWD/MMD² recomputed on the exported student from the trace's noise; it records
-    one gradient norm per update (3 fake, 3 student per 3 steps), and --fake_updates 2 makes
-    it two fake-score updates per student update."""
+    one gradient norm per update (3 fake, 3 student per 3 steps), and train_tdm's
+    --fake_score_updates 2 makes it two fake-score updates per student update."""
     import train_tdm
     from scripts import toy_seeds
     from tdm.metrics import sliced_wasserstein
@@ -587,6 +587,6 @@ def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_pa
 
     counts.clear()
     toy_seeds.wrap_update(train_tdm, tracer)
-    toy_seeds.add_fake_updates(train_tdm, 1)
-    assert train_tdm.main(toy_run_args(tmp_path, "two_fake", "--validation_steps", "3")) == 0
+    assert train_tdm.main(toy_run_args(tmp_path, "two_fake", "--validation_steps", "3",
+                                       "--fake_score_updates", "2")) == 0
     assert counts == [{"fake": 6, "student": 3}] * 2
