@@ -11,6 +11,8 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py table base lr01
     python scripts/toy_seeds.py curves assets/toy2d_seeds.png base:square5:3 base:square5:2   # needs matplotlib
     python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
+    python scripts/toy_seeds.py importance --mixture square5 --seed 3   # how noisy w_IS is in 2-D
+    python scripts/toy_seeds.py yardstick square5:3 ring6:4   # the teacher against itself, other noise
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -311,9 +313,108 @@ def scatter(path: str, runs) -> None:
     print(path)
 
 
+def effective_sample_size(w: torch.Tensor) -> float:
+    """Kish's effective sample size of weights w, as a fraction of their number: (Σw)²/(N·Σw²)."""
+    w = w.double()
+    return float(w.sum() ** 2 / (w.numel() * (w ** 2).sum()))
+
+
+def importance(argv) -> None:
+    """How noisy §4's importance weight w_IS is on the toy's trajectories (d = 2) and on Gaussian
+    ε̂ of growing dimension d, with the toy's grid and the fake-score update's draws: its
+    effective sample size and quantiles. A mean over d elements of m² − n² has a spread ∝ 1/√d,
+    so in 2-D w_IS is heavy-tailed while for a latent of 4 × 64 × 64 it is ≈ 1."""
+    import json as _json
+
+    from tdm.backbones import load_backbone
+    from tdm.config import parse_args
+    from tdm.losses import importance_weight
+    from tdm.toy.teacher import ensure_teacher
+    from tdm.trajectory import StepGrid, diffuse, rollout, sample_draw
+
+    p = argparse.ArgumentParser(prog="toy_seeds.py importance")
+    p.add_argument("--mixture", default="square5", choices=sorted(MIXTURES))
+    p.add_argument("--seed", type=int, default=3)
+    job = p.parse_args(argv)
+    opts = options(job.mixture, job.seed)
+    teacher = os.path.join(OUT, "teachers", f"{job.mixture}_s{job.seed}")
+    ensure_teacher(teacher, opts)
+    backbone = load_backbone(teacher, "toy2d", options=opts)
+    args = parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"), "--pretrained_model_name_or_path",
+                       teacher, "--backbone_options", _json.dumps(opts)])
+    grid, path = StepGrid(args.timesteps), backbone.path
+    quantiles = torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)
+
+    def row(name, m, n):
+        w = importance_weight(m, n).double()
+        q = torch.quantile(w, quantiles).tolist()
+        print(f"| {name} | {effective_sample_size(w):.3f} | {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} | {float(w.max()):.1f} |")
+
+    print("| trajectories | ESS / N | w_IS 1 % / 50 % / 99 % | max |\n|---|---|---|---|")
+    with torch.no_grad():   # the student at its start: the teacher, rolled out on the toy's grid
+        n_rows = 100_000
+        student = backbone.denoiser(backbone.load_denoiser().eval())
+        trajectory = rollout(student, torch.randn((n_rows, 2), generator=torch.Generator().manual_seed(0)),
+                             backbone.encode_prompts([""] * n_rows), grid, path)
+        draw = sample_draw(grid, n_rows, "cpu", False, False, torch.Generator().manual_seed(1))
+        _, x0, eps = trajectory.at(draw.k)
+        n = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+        row(f"toy {job.mixture} s{job.seed}, d = 2 (the teacher's 4-step rollout)", diffuse(path, x0, eps, draw.t_e, draw.t, n)[1], n)
+        for d in (2, 16, 256, 4 * 64 * 64):   # ε̂ ~ N(0, I): m does not depend on x̂0
+            rows = 20_000 if d < 1000 else 2_000
+            rng = torch.Generator().manual_seed(d)
+            draw = sample_draw(grid, rows, "cpu", False, False, rng)
+            eps, n = torch.randn((rows, d), generator=rng), torch.randn((rows, d), generator=rng)
+            row(f"Gaussian ε̂, d = {d}", diffuse(path, torch.zeros_like(eps), eps, draw.t_e, draw.t, n)[1], n)
+
+
+def yardstick(argv) -> None:
+    """How far a sampler equal in law to the teacher lands from the teacher by this protocol: the
+    teacher's DDIM 50 from --draws other noises (evaluation_inputs of other repeats), scored
+    against the protocol's reference of that seed, over its DDIM 50 from the protocol's noise.
+    The spread of these ratios is the metric's own: a 4-step student that matched its teacher
+    exactly would land there."""
+    from tdm.toy.evaluate import (evaluation_inputs, mmd2_reference_term, mmd2_unbiased,
+                                  reference_samples)
+    from tdm.metrics import sliced_wasserstein
+    from tdm.backbones import load_backbone
+    from tdm.toy.evaluate import SEEDS
+    from tdm.trajectory import StepGrid, rollout
+
+    p = argparse.ArgumentParser(prog="toy_seeds.py yardstick")
+    p.add_argument("runs", nargs="+", help="MIXTURE:SEED of teachers already trained")
+    p.add_argument("--draws", type=int, default=8)
+    job = p.parse_args(argv)
+    print("| mixture | seed | SWD ratio min / mean / max | MMD² ratio min / mean / max | within 10 % (both) |\n"
+          "|---|---|---|---|---|")
+    for spec in job.runs:
+        mixture, seed = spec.split(":")
+        seed = int(seed)
+        teacher = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
+        backbone = load_backbone(teacher, "toy2d", options=options(mixture, seed))
+        net = backbone.denoiser(backbone.load_denoiser().eval())
+        reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
+        y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
+        grid = StepGrid.uniform(50, backbone.path.num_timesteps)
+        scores = []
+        with torch.no_grad():
+            for repeat in [seed] + [1000 + seed * 100 + i for i in range(job.draws)]:
+                _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
+                x = rollout(net, noise, cond, grid, backbone.path).sample
+                scores.append((sliced_wasserstein(x, reference, PROJECTIONS, SEEDS["projections"]),
+                               mmd2_unbiased(x[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term)))
+        (swd0, mmd0), rest = scores[0], scores[1:]
+        r_swd = [s / swd0 for s, _ in rest]
+        r_mmd = [m / mmd0 for _, m in rest]
+        inside = sum(a <= 1.10 and b <= 1.10 for a, b in zip(r_swd, r_mmd))
+        print(f"| {mixture} | {seed} | {min(r_swd):.2f} / {statistics.mean(r_swd):.2f} / {max(r_swd):.2f} | "
+              f"{min(r_mmd):.2f} / {statistics.mean(r_mmd):.2f} / {max(r_mmd):.2f} | {inside}/{len(rest)} |",
+              flush=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves", "scatter"):
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -322,6 +423,10 @@ def main(argv=None) -> int:
         table(argv[1:])
     elif argv[0] == "curves":
         curves(argv[1], argv[2:])
+    elif argv[0] == "importance":
+        importance(argv[1:])
+    elif argv[0] == "yardstick":
+        yardstick(argv[1:])
     else:
         scatter(argv[1], argv[2:])
     return 0
