@@ -92,7 +92,7 @@ def build(args):
 
     warn_if_over_memory(args, accelerator)   # one line when its plan exceeds the GPU
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
-    backbone, guidance_embedding = load_for_training(args, grid)
+    backbone = load_for_training(args, grid)
     networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
                               args.lora_alpha, args.gradient_checkpointing,
                               step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
@@ -123,11 +123,10 @@ def build(args):
         ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
         states["ema"] = (ema, False)
     register_checkpoint_hooks(accelerator, networks, states)
-    config = TDMConfig.from_flags(args, guidance_embedding=guidance_embedding,
-                                  importance_weight=not args.no_importance_weight,
-                                  # sharded forwards are collective: every rank must run as many
-                                  lazy_rollout=not (args.full_rollout or networks.sharded))
-    tdm = TDM(backbone.path, grid, config, training_rng)
+    # the objective's settings are the flags of the same names; the run decides the teacher's
+    # guidance input (the backbone, from --guidance_embedding) and whether forwards are sharded
+    tdm = TDM(backbone.path, grid, TDMConfig.from_flags(args), training_rng,
+              guidance_embedding=backbone.guidance_embedding, sharded=networks.sharded)
     if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
         load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
     backbone.load_text_encoders(accelerator.device, weight_dtype)

@@ -29,35 +29,27 @@ from .trajectory import DenoiserFn, Draw, Rollout, StepGrid, diffuse, rollout, s
 
 @dataclass(frozen=True)
 class TDMConfig:
-    """The settings of the objective, each named as its flag (tdm/config.py) except the three
-    the run decides: importance_weight (--no_importance_weight), lazy_rollout (--full_rollout, or
-    off where forwards are sharded) and guidance_embedding (the backbone's, Backbone.set_guidance)."""
+    """The settings of the objective, each the flag of the same name (tdm/config.py), read by
+    `from_flags` without renaming. What the run decides (the teacher's guidance input, sharded
+    forwards) is not a setting: `TDM` takes it as its own arguments."""
     cfg: float = 4.5
     use_separate: bool = False  # mode 1 (each step's own interval) vs mode 2 (intervals up to T)
     use_randmid: bool = False   # random end point of the ODE move
     loss: str = "mse"           # one of StudentLoss.kinds
     snr_gamma: float = 5.0
-    importance_weight: bool = True  # w_IS of §4 (False: the paper's ablation)
-    lazy_rollout: bool = True   # advance each sample only as deep as its draws need
+    importance_weight: bool = True  # w_IS of §4 (--no_importance_weight: the paper's ablation)
+    full_rollout: bool = False  # every sample to the last step (else only as deep as its draws need)
     share_step_draw: bool = False  # one k per sample for both updates
     unify_steps: tuple = ()     # TDM-unify (§6): K drawn per iteration from these, K-conditioned
     fake_step_condition: bool = False  # the fake score also sees the step index k
-    # §5.1: the teacher is guided through its guidance embedding (one call, cfg in the condition
-    # under GUIDANCE) instead of CFG (Backbone.set_guidance decides: FLUX.1-dev)
-    guidance_embedding: bool = False
-    DECIDED = ("importance_weight", "lazy_rollout", "guidance_embedding")   # not flags: the run's
 
     def __post_init__(self):
         object.__setattr__(self, "unify_steps", tuple(self.unify_steps or ()))   # a flag's list or None
 
     @classmethod
-    def from_flags(cls, flags, **decided) -> "TDMConfig":
-        """Every field named like a flag read from the run config `flags`, the DECIDED ones from
-        the caller; any other set of `decided` raises (none silently keeps its default)."""
-        if sorted(decided) != sorted(cls.DECIDED):
-            raise ValueError(f"TDMConfig.from_flags decides {sorted(cls.DECIDED)}, got {sorted(decided)}")
-        return cls(**{field.name: decided[field.name] if field.name in decided else getattr(flags, field.name)
-                      for field in fields(cls)})
+    def from_flags(cls, flags) -> "TDMConfig":
+        """Each field from the run config `flags`' value of the same name."""
+        return cls(**{field.name: getattr(flags, field.name) for field in fields(cls)})
 
 
 GUIDANCE = "guidance"   # condition key of a guidance-embedded teacher's guidance value ([B])
@@ -133,12 +125,24 @@ class Iteration:
 
 
 class TDM:
+    """The objective of docs/method.md on `path` and the step `grid`, with the settings `config`.
+
+    Two facts about the run, not settings, are its own arguments (the caller derives them):
+    `guidance_embedding`: the teacher takes --cfg through its guidance embedding, one call (§5.1,
+    FLUX.1-dev; `Backbone.set_guidance` resolves --guidance_embedding auto/on/off);
+    `sharded`: every forward is collective across ranks (FSDP), so every rank must run as many and
+    rolls every sample out to the last step (no lazy rollout, as with --full_rollout)."""
+
     def __init__(self, path: GaussianPath, grid: StepGrid, config: TDMConfig,
-                 rng: Optional[TrainingRNG] = None):
+                 rng: Optional[TrainingRNG] = None, *, guidance_embedding: bool = False,
+                 sharded: bool = False):
         self.path = path
         self.grid = grid
         self.config = config
         self.rng = rng
+        self.guidance_embedding = guidance_embedding
+        # advance each sample only as deep as its draws need (TDM.start)
+        self.lazy_rollout = not (config.full_rollout or sharded)
         # one grid per step count: the given grid, or k·T/K − 1 for each K of TDM-unify (§6)
         self.grids = ({K: StepGrid.uniform(K, grid.horizon) for K in config.unify_steps}
                       if config.unify_steps else {grid.num_steps: grid})
@@ -161,7 +165,7 @@ class TDM:
         K = self.draw_num_steps()
         fake_score_draw, student_draw = self.draw(K, batch, device)
         depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)   # on the host
-                 if self.config.lazy_rollout else None)
+                 if self.lazy_rollout else None)
         trajectory = self.rollout(student, noise, cond, depth, K)
         return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
                          student_draw.to(device), trajectory)
@@ -241,7 +245,7 @@ class TDM:
     def teacher_conditions(self, x_t, cond: dict, uncond: dict) -> list:
         """The teacher's conditions at x_t: (prompt, empty prompt) for CFG, one for cfg == 1; a
         guidance-embedded teacher (§5.1) takes cfg as its guidance input."""
-        if self.config.guidance_embedding:
+        if self.guidance_embedding:
             guidance = torch.full((x_t.shape[0],), self.config.cfg, device=x_t.device)
             return [{**cond, GUIDANCE: guidance}]
         return [cond] if self.config.cfg == 1.0 else [cond, uncond]

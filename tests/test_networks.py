@@ -64,8 +64,8 @@ def losses(backbone, nets, config, seed=0):
 def test_lazy_rollout_gives_the_same_losses(backbone):
     nets = make_lora(backbone)
     for seed in range(3):
-        lazy = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=True), seed)
-        full = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=False), seed)
+        lazy = losses(backbone, nets, TDMConfig(cfg=4.5, full_rollout=False), seed)
+        full = losses(backbone, nets, TDMConfig(cfg=4.5, full_rollout=True), seed)
         torch.testing.assert_close(lazy[0], full[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lazy[1], full[1], rtol=1e-5, atol=1e-6)
         iteration = lazy[2]
