@@ -203,19 +203,21 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
     read without gradient. `student`/`fake_score` train (full mode: DDP-wrapped, the backward
     averages gradients); `*_eval` are the same weights unwrapped, for no-grad forwards, which ranks
     may run unequally often (lazy rollout). With LoRA (gradients averaged by hand) and FSDP (every
-    forward collective: wrapped) the two handles are one module.
+    forward collective: wrapped) the two handles are one module. Each handle is a `Denoiser` of
+    one role: the role, not the module, selects the LoRA adapter and the step embedding (K, k from
+    the conditions TDM builds) for that call only (Denoiser.__call__).
     Each update's forward gets its own autocast region: autocast caches the low-precision copy
     of every trainable weight until its region ends, so one region around both updates would
     let the student update read the fake score ψ from before its optimiser step."""
     with accelerator.accumulate(*networks.wrapped):
         with accelerator.autocast():
             iteration = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
-            fake_score_loss = iteration.fake_score_loss(networks.fake_score)
+            fake_score_loss = tdm.fake_score_loss(iteration, networks.fake_score)
         fake_score_applied = update(accelerator, networks, fake_score_loss, fake_score_optimizer,
                                     networks.fake_score_params)
         with accelerator.autocast():
-            student_loss = iteration.student_loss(networks.student, networks.teacher,
-                                                  networks.fake_score_eval)
+            student_loss = tdm.student_loss(iteration, networks.student, networks.teacher,
+                                            networks.fake_score_eval)
         student_applied = update(accelerator, networks, student_loss, student_optimizer,
                                  networks.student_params, max_grad_norm, lr_scheduler)
     return fake_score_loss, student_loss, (not fake_score_applied) + (not student_applied)

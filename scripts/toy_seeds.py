@@ -125,7 +125,7 @@ def add_fake_updates(train_tdm, extra: int):
         for _ in range(extra):
             with accelerator.accumulate(*networks.wrapped):
                 start = tdm.start(networks.student_eval, cond, uncond, latent_shape, accelerator.device)
-                train_tdm.update(accelerator, networks, start.fake_score_loss(networks.fake_score),
+                train_tdm.update(accelerator, networks, tdm.fake_score_loss(start, networks.fake_score),
                                  fake_score_optimizer, networks.fake_score_params)
         return iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer, *rest)
 

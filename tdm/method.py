@@ -9,9 +9,10 @@ Glossary (docs/method.md, Notation), used in code, docs and logs:
     K, T, grid     steps, horizon (--total_steps) and step times τ_K > … > τ_1 (§2)
     rng            a torch.Generator; `TrainingRNG` holds the training stream
 
-`TDM.start` makes an iteration's draws and the student's rollout; the returned `Iteration` gives
-the two losses. Nothing about draws, depths or K leaves this module: the training script only
-runs forward loss → backward → optimiser step for each update.
+`TDM.start` makes an iteration's draws and the student's rollout, returned as plain data (an
+`Iteration`); `TDM.fake_score_loss` and `TDM.student_loss` take it. Nothing about draws, depths or K
+leaves this module: the training script only runs forward loss → backward → optimiser step for each
+update.
 """
 from __future__ import annotations
 
@@ -86,42 +87,17 @@ class TrainingRNG:
             self.draw_rng.set_state(state["draw"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Iteration:
-    """One iteration's prompts, draws and student rollout (built by `TDM.start`); its two
-    methods are the losses of the fake-score update and of the student update, in that order."""
+    """One iteration's state, made by `TDM.start`: the prompts, K, both updates' draws and the
+    student's rollout. Plain data: `TDM.fake_score_loss` and then `TDM.student_loss` read it."""
 
-    tdm: "TDM"
     cond: dict
     uncond: dict                # the empty prompt's condition, one row per sample
     num_steps: int              # K of this iteration
     fake_score_draw: Draw
     student_draw: Draw
     trajectory: Rollout
-
-    def fake_score_loss(self, fake_score: DenoiserFn) -> torch.Tensor:
-        """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
-        tdm, draw = self.tdm, self.fake_score_draw
-        _, x0, eps = self.trajectory.at(draw.k)
-        n = tdm.randn(x0.shape, x0.device)
-        x_t, m = diffuse(tdm.path, x0, eps, draw.t_e, draw.t, n)
-        x0_fake, _ = fake_score(x_t, draw.t, tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
-        return tdm.fake_score_objective(x0_fake, x0, draw.t, m, n)
-
-    def student_loss(self, student: DenoiserFn, teacher: DenoiserFn,
-                     fake_score: DenoiserFn) -> torch.Tensor:
-        """§5. The gradient reaches θ only through x̂0 of the one student step at the draw's k;
-        `fake_score` is ψ after its update of this iteration."""
-        tdm, draw = self.tdm, self.student_draw
-        state, _, _ = self.trajectory.at(draw.k)
-        x0, eps = student(state, draw.t_g, tdm.student_condition(self.cond, self.num_steps))
-        n = tdm.randn(x0.shape, x0.device)
-        with torch.no_grad():
-            x_t, _ = diffuse(tdm.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
-            x0_real, x0_fake = tdm.teacher_and_fake_score_x0(
-                teacher, fake_score, x_t, draw.t, self.cond, self.uncond,
-                tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
-        return tdm.student_objective(x0, x0_real, x0_fake)
 
 
 class TDM:
@@ -167,8 +143,34 @@ class TDM:
         depth = (torch.maximum(K - fake_score_draw.k + 1, K - student_draw.k)   # on the host
                  if self.lazy_rollout else None)
         trajectory = self.rollout(student, noise, cond, depth, K)
-        return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
+        return Iteration(cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
                          student_draw.to(device), trajectory)
+
+    def fake_score_loss(self, iteration: Iteration, fake_score: DenoiserFn) -> torch.Tensor:
+        """§4, on `iteration`'s fake-score draw. The student's step-k prediction is the rollout's
+        own, not a recomputation."""
+        draw = iteration.fake_score_draw
+        _, x0, eps = iteration.trajectory.at(draw.k)
+        n = self.randn(x0.shape, x0.device)
+        x_t, m = diffuse(self.path, x0, eps, draw.t_e, draw.t, n)
+        cond = self.fake_score_condition(iteration.cond, iteration.num_steps, draw.k)
+        x0_fake, _ = fake_score(x_t, draw.t, cond)
+        return self.fake_score_objective(x0_fake, x0, draw.t, m, n)
+
+    def student_loss(self, iteration: Iteration, student: DenoiserFn, teacher: DenoiserFn,
+                     fake_score: DenoiserFn) -> torch.Tensor:
+        """§5, on `iteration`'s student draw. The gradient reaches θ only through x̂0 of the one
+        student step at the draw's k; `fake_score` is ψ after its update of this iteration."""
+        draw = iteration.student_draw
+        state, _, _ = iteration.trajectory.at(draw.k)
+        x0, eps = student(state, draw.t_g, self.student_condition(iteration.cond, iteration.num_steps))
+        n = self.randn(x0.shape, x0.device)
+        with torch.no_grad():
+            x_t, _ = diffuse(self.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
+            x0_real, x0_fake = self.teacher_and_fake_score_x0(
+                teacher, fake_score, x_t, draw.t, iteration.cond, iteration.uncond,
+                self.fake_score_condition(iteration.cond, iteration.num_steps, draw.k))
+        return self.student_objective(x0, x0_real, x0_fake)
 
     def draw_num_steps(self) -> int:
         """K of this iteration (§6): uniform over the unify set, the same on every process."""
