@@ -21,6 +21,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
@@ -33,6 +34,7 @@ from tdm.config import (UsageError, check_8bit_adam, check_distributed, check_fs
                         check_output_dir, parse_args)
 from tdm.data import load_prompts
 from tdm.ema import StudentEMA
+from tdm.images import image_grid, to_pil
 from tdm.embedding_cache import prompt_encoder
 from tdm.method import TDM, TDMConfig, TrainingRNG
 from tdm.model_card import write_model_card
@@ -92,7 +94,7 @@ def build(args):
 
     warn_if_over_memory(args, accelerator)   # one line when its plan exceeds the GPU
     # Backbone: teacher φ, student θ and fake score ψ, each (x_t, t, c) -> (x̂0, ε̂).
-    backbone, guidance_embedding = load_for_training(args, grid)
+    backbone = load_for_training(args, grid)
     networks = build_networks(backbone, args.train_mode, weight_dtype, accelerator, args.lora_rank,
                               args.lora_alpha, args.gradient_checkpointing,
                               step_tables(args.num_steps, args.unify_steps, args.fake_step_condition))
@@ -123,11 +125,10 @@ def build(args):
         ema = StudentEMA(networks.student_params, args.ema_decay, args.ema_start_step)
         states["ema"] = (ema, False)
     register_checkpoint_hooks(accelerator, networks, states)
-    config = TDMConfig.from_flags(args, guidance_embedding=guidance_embedding,
-                                  importance_weight=not args.no_importance_weight,
-                                  # sharded forwards are collective: every rank must run as many
-                                  lazy_rollout=not (args.full_rollout or networks.sharded))
-    tdm = TDM(backbone.path, grid, config, training_rng)
+    # the objective's settings are the flags of the same names; the run decides the teacher's
+    # guidance input (the backbone, from --guidance_embedding) and whether forwards are sharded
+    tdm = TDM(backbone.path, grid, TDMConfig.from_flags(args), training_rng,
+              guidance_embedding=backbone.guidance_embedding, sharded=networks.sharded)
     if resume_from is not None:   # before the text encoders and VAE load: a refusal comes early
         load_checkpoint(accelerator, resume_from, args.resume_from_checkpoint)
     backbone.load_text_encoders(accelerator.device, weight_dtype)
@@ -196,16 +197,17 @@ def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
 
 def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer,
                   student_optimizer, lr_scheduler, max_grad_norm, fake_score_updates=1):
-    """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5): the fake-score
-    update(s), then the student update against teacher minus the updated fake score. ψ takes
-    `fake_score_updates` updates (§4), each on a fresh rollout and draw; θ reads the last one's.
-    Returns the last fake-score loss, the student loss and how many updates were skipped.
+    """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5): ψ's update(s)
+    (`fake_score_updates`, §4: each on a fresh rollout and draw), then θ's against teacher minus
+    the updated ψ on the last one's rollout. Returns the last ψ loss, θ's loss, updates skipped.
 
     Roles: θ rolls out without gradient, ψ takes its loss, then θ its own, with φ and the updated ψ
     read without gradient. `student`/`fake_score` train (full mode: DDP-wrapped, the backward
     averages gradients); `*_eval` are the same weights unwrapped, for no-grad forwards, which ranks
     may run unequally often (lazy rollout). With LoRA (gradients averaged by hand) and FSDP (every
-    forward collective: wrapped) the two handles are one module.
+    forward collective: wrapped) the two handles are one module. Each handle is a `Denoiser` of
+    one role: the role, not the module, selects the LoRA adapter and the step embedding (K, k from
+    the conditions TDM builds) for that call only (Denoiser.__call__).
     Each update's forward gets its own autocast region: autocast caches the low-precision copy
     of every trainable weight until its region ends, so one region around both updates would
     let the student update read the fake score ψ from before its optimiser step."""
@@ -216,12 +218,12 @@ def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_s
             with accelerator.autocast():
                 iteration = tdm.start(networks.student_eval, cond, uncond, latent_shape,
                                       accelerator.device, student_update=last)
-                fake_score_loss = iteration.fake_score_loss(networks.fake_score)
+                fake_score_loss = tdm.fake_score_loss(iteration, networks.fake_score)
             skipped += not update(accelerator, networks, fake_score_loss, fake_score_optimizer,
                                   networks.fake_score_params)
         with accelerator.autocast():
-            student_loss = iteration.student_loss(networks.student, networks.teacher,
-                                                  networks.fake_score_eval)
+            student_loss = tdm.student_loss(iteration, networks.student, networks.teacher,
+                                            networks.fake_score_eval)
         skipped += not update(accelerator, networks, student_loss, student_optimizer,
                               networks.student_params, max_grad_norm, lr_scheduler)
     return fake_score_loss, student_loss, skipped
@@ -232,8 +234,6 @@ def log_validation(accelerator, args, run, global_step, measures):
     """A grid of the K-step student on fixed prompts and fixed noise, one row per trained K, and its
     `measures` (tdm.validation). Every rank samples (a sharded student needs all ranks in each
     forward; a DDP student is called unwrapped, the others would only wait); the main one writes."""
-    from tdm.images import image_grid, to_pil
-
     backbone, tdm, student = run.backbone, run.tdm, run.networks.student_eval
     prompts = args.validation_prompts
     cond = run.encode(prompts)
@@ -253,8 +253,6 @@ def log_validation(accelerator, args, run, global_step, measures):
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     grid.save(os.path.join(folder, f"step-{global_step:06d}.png"))
-    import numpy as np
-
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"validation": np.asarray(grid)[None]}, global_step, dataformats="NHWC")

@@ -34,7 +34,8 @@ def table() -> str:
             default = "" if a.default is None or a.default is False else f"`{a.default}`"
             if a.dest == "prompts":
                 default = "`assets/prompts.txt`"
-            lines.append(f"| `{a.option_strings[0]}` | {default} | {accepts(a)} | "
+            names = " ".join(f"`{name}`" for name in a.option_strings)   # a switch: --x `--no_x`
+            lines.append(f"| {names} | {default} | {accepts(a)} | "
                          f"{(a.help or '').replace('|', '/')} |")
     return "\n".join(lines).strip()
 

@@ -217,7 +217,7 @@ def ablations(args: RunConfig) -> List[Ablation]:
                      else ("mode2", "mode 2 (intervals up to T)"))
     return [
         Ablation(folder, label, {"use_separate": not args.use_separate}),
-        Ablation("no_is", "without importance weight", {"no_importance_weight": True}),
+        Ablation("no_is", "without importance weight", {"importance_weight": False}),
         Ablation(other_loss, f"{other_loss} loss", {"loss": other_loss}),
         Ablation(other_mode, f"{other_mode} fine-tune", {"train_mode": other_mode}),
         Ablation("share_k", "one step draw for both updates (--share_step_draw)", {"share_step_draw": True}),

@@ -204,6 +204,26 @@ class Choice:
         return self(value)
 
 
+class Switch(argparse.Action):
+    """A setting on or off, named like its flag: `--name` turns it on, `--no_name` off (argparse's
+    BooleanOptionalAction spells it --no-name, unlike every other flag here). In YAML, `name: false`
+    or `no_name: true` (`yaml_value`)."""
+
+    def __init__(self, option_strings, dest, default=None, **kwargs):
+        negatives = [f"--no_{option[2:]}" for option in option_strings if option.startswith("--")]
+        super().__init__([*option_strings, *negatives], dest, nargs=0, default=default, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not self.negative(option_string))
+
+    @staticmethod
+    def negative(option_string: str) -> bool:
+        return option_string.startswith("--no_")
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def choice(*names: str) -> dict:
     """add_argument keywords of a flag with fixed names: checked by Choice (with "did you mean"),
     listed in --help by argparse's choices."""

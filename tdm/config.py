@@ -12,16 +12,16 @@ from typing import List, Optional
 
 import yaml
 
-from .checks import (Choice, Number, Parser, UsageError, check_values, check_writable_folder, choice,
-                     did_you_mean, flag_error, yaml_value)
+from .checks import (Choice, Number, Parser, Switch, UsageError, check_values, check_writable_folder,
+                     choice, did_you_mean, flag_error, yaml_value)
 from .losses import StudentLoss
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-512x512"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
-# --guidance_embedding → TDMConfig.guidance_embedding (None: as the teacher's backbone says); YAML's
-# booleans and null (on/off, a resolved config.yaml) are read as these names (its Choice type)
+# --guidance_embedding → Backbone.set_guidance's choice (None: the family's default, resolved by the
+# backbone); YAML's booleans and null (on/off, a resolved config.yaml) are read as these names
 GUIDANCE_EMBEDDING = {"auto": None, "on": True, "off": False}
 
 
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="One step index k per sample for both updates (shallower rollouts).")
     g.add_argument("--full_rollout", action="store_true",
                    help="Roll every sample out to the last step (reference for the lazy rollout).")
-    g.add_argument("--no_importance_weight", action="store_true",
-                   help="Ablation: w_IS = 1 in the fake-score loss.")
+    g.add_argument("--importance_weight", action=Switch, default=True,
+                   help="w_IS in the fake-score loss; --no_importance_weight: w_IS = 1 (ablation).")
     g.add_argument("--snr_gamma", type=Number(float, above=0), default=5.0,
                    help="γ of the min-SNR-γ fake-score weight.")
     g = p.add_argument_group("data")
@@ -260,15 +260,19 @@ def load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise UsageError(f"--config {path}: not a readable YAML file ({first_line})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    flags = {option[2:]: a for a in parser._actions if a.dest != "help"
+             for option in a.option_strings if option.startswith("--")}   # a key is a flag's name
     converted = {}
     for key, value in values.items():
-        if key not in actions:
-            raise UsageError(f"--config {path}: unknown key {key!r}{did_you_mean(key, actions)}")
+        if key not in flags:
+            raise UsageError(f"--config {path}: unknown key {key!r}{did_you_mean(key, flags)}")
+        action = flags[key]
         try:
-            converted[key] = yaml_value(actions[key], value)
+            value = yaml_value(action, value)
         except argparse.ArgumentTypeError as error:
             raise UsageError(f"--config {path}: {flag_error(f'key {key!r}', error)}") from None
+        negative = isinstance(action, Switch) and action.negative(f"--{key}")   # no_name: true
+        converted[action.dest] = not value if negative else value
     return converted
 
 
@@ -320,7 +324,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 def resolve(args) -> None:
     """The derived values, each computed here once: loss kind, LoRA alpha, K and the step grid
     (explicit --timesteps, or k·T/K − 1; TDM-unify: the deepest K), validation prompts."""
-    args.guidance_embedding = GUIDANCE_EMBEDDING[args.guidance_embedding]   # TDMConfig's value
+    args.guidance_embedding = GUIDANCE_EMBEDDING[args.guidance_embedding]   # Backbone.set_guidance's
     if args.loss is None:
         args.loss = "huber" if args.use_huber else "mse"
     if args.lora_alpha is None:

@@ -9,9 +9,10 @@ Glossary (docs/method.md, Notation), used in code, docs and logs:
     K, T, grid     steps, horizon (--total_steps) and step times τ_K > … > τ_1 (§2)
     rng            a torch.Generator; `TrainingRNG` holds the training stream
 
-`TDM.start` makes an iteration's draws and the student's rollout; the returned `Iteration` gives
-the two losses. Nothing about draws, depths or K leaves this module: the training script only
-runs forward loss → backward → optimiser step for each update.
+`TDM.start` makes an iteration's draws and the student's rollout, returned as plain data (an
+`Iteration`); `TDM.fake_score_loss` and `TDM.student_loss` take it. Nothing about draws, depths or K
+leaves this module: the training script only runs forward loss → backward → optimiser step for each
+update.
 """
 from __future__ import annotations
 
@@ -29,35 +30,27 @@ from .trajectory import DenoiserFn, Draw, Rollout, StepGrid, diffuse, rollout, s
 
 @dataclass(frozen=True)
 class TDMConfig:
-    """The settings of the objective, each named as its flag (tdm/config.py) except the three
-    the run decides: importance_weight (--no_importance_weight), lazy_rollout (--full_rollout, or
-    off where forwards are sharded) and guidance_embedding (the backbone's, Backbone.set_guidance)."""
+    """The settings of the objective, each the flag of the same name (tdm/config.py), read by
+    `from_flags` without renaming. What the run decides (the teacher's guidance input, sharded
+    forwards) is not a setting: `TDM` takes it as its own arguments."""
     cfg: float = 4.5
     use_separate: bool = False  # mode 1 (each step's own interval) vs mode 2 (intervals up to T)
     use_randmid: bool = False   # random end point of the ODE move
     loss: str = "mse"           # one of StudentLoss.kinds
     snr_gamma: float = 5.0
-    importance_weight: bool = True  # w_IS of §4 (False: the paper's ablation)
-    lazy_rollout: bool = True   # advance each sample only as deep as its draws need
+    importance_weight: bool = True  # w_IS of §4 (--no_importance_weight: the paper's ablation)
+    full_rollout: bool = False  # every sample to the last step (else only as deep as its draws need)
     share_step_draw: bool = False  # one k per sample for both updates
     unify_steps: tuple = ()     # TDM-unify (§6): K drawn per iteration from these, K-conditioned
     fake_step_condition: bool = False  # the fake score also sees the step index k
-    # §5.1: the teacher is guided through its guidance embedding (one call, cfg in the condition
-    # under GUIDANCE) instead of CFG (Backbone.set_guidance decides: FLUX.1-dev)
-    guidance_embedding: bool = False
-    DECIDED = ("importance_weight", "lazy_rollout", "guidance_embedding")   # not flags: the run's
 
     def __post_init__(self):
         object.__setattr__(self, "unify_steps", tuple(self.unify_steps or ()))   # a flag's list or None
 
     @classmethod
-    def from_flags(cls, flags, **decided) -> "TDMConfig":
-        """Every field named like a flag read from the run config `flags`, the DECIDED ones from
-        the caller; any other set of `decided` raises (none silently keeps its default)."""
-        if sorted(decided) != sorted(cls.DECIDED):
-            raise ValueError(f"TDMConfig.from_flags decides {sorted(cls.DECIDED)}, got {sorted(decided)}")
-        return cls(**{field.name: decided[field.name] if field.name in decided else getattr(flags, field.name)
-                      for field in fields(cls)})
+    def from_flags(cls, flags) -> "TDMConfig":
+        """Each field from the run config `flags`' value of the same name."""
+        return cls(**{field.name: getattr(flags, field.name) for field in fields(cls)})
 
 
 GUIDANCE = "guidance"   # condition key of a guidance-embedded teacher's guidance value ([B])
@@ -94,12 +87,11 @@ class TrainingRNG:
             self.draw_rng.set_state(state["draw"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Iteration:
-    """One iteration's prompts, draws and student rollout (built by `TDM.start`); its two
-    methods are the losses of the fake-score update and of the student update, in that order."""
+    """One iteration's state, made by `TDM.start`: the prompts, K, both updates' draws and the
+    student's rollout. Plain data: `TDM.fake_score_loss` and then `TDM.student_loss` read it."""
 
-    tdm: "TDM"
     cond: dict
     uncond: dict                # the empty prompt's condition, one row per sample
     num_steps: int              # K of this iteration
@@ -107,41 +99,26 @@ class Iteration:
     student_draw: Optional[Draw]   # None: started for a fake-score update only
     trajectory: Rollout
 
-    def fake_score_loss(self, fake_score: DenoiserFn) -> torch.Tensor:
-        """§4. The student's step-k prediction is the rollout's own, not a recomputation."""
-        tdm, draw = self.tdm, self.fake_score_draw
-        _, x0, eps = self.trajectory.at(draw.k)
-        n = tdm.randn(x0.shape, x0.device)
-        x_t, m = diffuse(tdm.path, x0, eps, draw.t_e, draw.t, n)
-        x0_fake, _ = fake_score(x_t, draw.t, tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
-        return tdm.fake_score_objective(x0_fake, x0, draw.t, m, n)
-
-    def student_loss(self, student: DenoiserFn, teacher: DenoiserFn,
-                     fake_score: DenoiserFn) -> torch.Tensor:
-        """§5. The gradient reaches θ only through x̂0 of the one student step at the draw's k;
-        `fake_score` is ψ after its update of this iteration."""
-        tdm, draw = self.tdm, self.student_draw
-        if draw is None:   # the rollout stopped where the fake-score draw needed it
-            raise ValueError("this iteration was started for a fake-score update only "
-                             "(TDM.start(student_update=False)): it has no student draw")
-        state, _, _ = self.trajectory.at(draw.k)
-        x0, eps = student(state, draw.t_g, tdm.student_condition(self.cond, self.num_steps))
-        n = tdm.randn(x0.shape, x0.device)
-        with torch.no_grad():
-            x_t, _ = diffuse(tdm.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
-            x0_real, x0_fake = tdm.teacher_and_fake_score_x0(
-                teacher, fake_score, x_t, draw.t, self.cond, self.uncond,
-                tdm.fake_score_condition(self.cond, self.num_steps, draw.k))
-        return tdm.student_objective(x0, x0_real, x0_fake)
-
 
 class TDM:
+    """The objective of docs/method.md on `path` and the step `grid`, with the settings `config`.
+
+    Two facts about the run, not settings, are its own arguments (the caller derives them):
+    `guidance_embedding`: the teacher takes --cfg through its guidance embedding, one call (§5.1,
+    FLUX.1-dev; `Backbone.set_guidance` resolves --guidance_embedding auto/on/off);
+    `sharded`: every forward is collective across ranks (FSDP), so every rank must run as many and
+    rolls every sample out to the last step (no lazy rollout, as with --full_rollout)."""
+
     def __init__(self, path: GaussianPath, grid: StepGrid, config: TDMConfig,
-                 rng: Optional[TrainingRNG] = None):
+                 rng: Optional[TrainingRNG] = None, *, guidance_embedding: bool = False,
+                 sharded: bool = False):
         self.path = path
         self.grid = grid
         self.config = config
         self.rng = rng
+        self.guidance_embedding = guidance_embedding
+        # advance each sample only as deep as its draws need (TDM.start)
+        self.lazy_rollout = not (config.full_rollout or sharded)
         # one grid per step count: the given grid, or k·T/K − 1 for each K of TDM-unify (§6)
         self.grids = ({K: StepGrid.uniform(K, grid.horizon) for K in config.unify_steps}
                       if config.unify_steps else {grid.num_steps: grid})
@@ -166,13 +143,42 @@ class TDM:
         K = self.draw_num_steps()
         fake_score_draw, student_draw = self.draw(K, batch, device)   # both: one stream either way
         depth = None
-        if self.config.lazy_rollout:   # on the host
+        if self.lazy_rollout:   # on the host
             depth = K - fake_score_draw.k + 1
             if student_update:
                 depth = torch.maximum(depth, K - student_draw.k)
         trajectory = self.rollout(student, noise, cond, depth, K)
-        return Iteration(self, cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
+        return Iteration(cond, expand_condition(uncond, batch), K, fake_score_draw.to(device),
                          student_draw.to(device) if student_update else None, trajectory)
+
+    def fake_score_loss(self, iteration: Iteration, fake_score: DenoiserFn) -> torch.Tensor:
+        """§4, on `iteration`'s fake-score draw. The student's step-k prediction is the rollout's
+        own, not a recomputation."""
+        draw = iteration.fake_score_draw
+        _, x0, eps = iteration.trajectory.at(draw.k)
+        n = self.randn(x0.shape, x0.device)
+        x_t, m = diffuse(self.path, x0, eps, draw.t_e, draw.t, n)
+        cond = self.fake_score_condition(iteration.cond, iteration.num_steps, draw.k)
+        x0_fake, _ = fake_score(x_t, draw.t, cond)
+        return self.fake_score_objective(x0_fake, x0, draw.t, m, n)
+
+    def student_loss(self, iteration: Iteration, student: DenoiserFn, teacher: DenoiserFn,
+                     fake_score: DenoiserFn) -> torch.Tensor:
+        """§5, on `iteration`'s student draw. The gradient reaches θ only through x̂0 of the one
+        student step at the draw's k; `fake_score` is ψ after its update of this iteration."""
+        draw = iteration.student_draw
+        if draw is None:   # the rollout stopped where the fake-score draw needed it
+            raise ValueError("this iteration was started for a fake-score update only "
+                             "(TDM.start(student_update=False)): it has no student draw")
+        state, _, _ = iteration.trajectory.at(draw.k)
+        x0, eps = student(state, draw.t_g, self.student_condition(iteration.cond, iteration.num_steps))
+        n = self.randn(x0.shape, x0.device)
+        with torch.no_grad():
+            x_t, _ = diffuse(self.path, x0.detach(), eps.detach(), draw.t_e, draw.t, n)
+            x0_real, x0_fake = self.teacher_and_fake_score_x0(
+                teacher, fake_score, x_t, draw.t, iteration.cond, iteration.uncond,
+                self.fake_score_condition(iteration.cond, iteration.num_steps, draw.k))
+        return self.student_objective(x0, x0_real, x0_fake)
 
     def draw_num_steps(self) -> int:
         """K of this iteration (§6): uniform over the unify set, the same on every process."""
@@ -249,7 +255,7 @@ class TDM:
     def teacher_conditions(self, x_t, cond: dict, uncond: dict) -> list:
         """The teacher's conditions at x_t: (prompt, empty prompt) for CFG, one for cfg == 1; a
         guidance-embedded teacher (§5.1) takes cfg as its guidance input."""
-        if self.config.guidance_embedding:
+        if self.guidance_embedding:
             guidance = torch.full((x_t.shape[0],), self.config.cfg, device=x_t.device)
             return [{**cond, GUIDANCE: guidance}]
         return [cond] if self.config.cfg == 1.0 else [cond, uncond]

@@ -91,7 +91,7 @@ def validation_measures(args, backbone, tdm, teacher: DenoiserFn, uncond: dict) 
     §5.1), --validation_teacher_steps, and the backbone's held-out data if it has any."""
     from .method import GUIDANCE
 
-    guidance = GUIDANCE if tdm.config.guidance_embedding else None
+    guidance = GUIDANCE if tdm.guidance_embedding else None
     return ValidationMeasures(guided(teacher, uncond, args.cfg, guidance), backbone.path,
                               args.validation_teacher_steps, backbone.held_out_data())
 

@@ -17,14 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tdm  # noqa: E402
 from tdm import checkpoint  # noqa: E402
-from tdm.method import TDM, Iteration  # noqa: E402
+from tdm.method import TDM  # noqa: E402
 from tdm.survival import exit_process  # noqa: E402
 
 
 def inject(steps) -> None:
     """Wrap TDM.start to count iterations and the two losses to return NaN on `steps`."""
     count = [0]
-    start, fake_score_loss, student_loss = TDM.start, Iteration.fake_score_loss, Iteration.student_loss
+    start, fake_score_loss, student_loss = TDM.start, TDM.fake_score_loss, TDM.student_loss
 
     def counted_start(self, *args, **kwargs):
         count[0] += 1
@@ -37,8 +37,8 @@ def inject(steps) -> None:
         return wrapper
 
     TDM.start = counted_start
-    Iteration.fake_score_loss = poisoned(fake_score_loss)
-    Iteration.student_loss = poisoned(student_loss)
+    TDM.fake_score_loss = poisoned(fake_score_loss)
+    TDM.student_loss = poisoned(student_loss)
 
 
 def delay_saves(seconds: float) -> None:

@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tdm  # noqa: E402
-from tdm.method import TDM, Iteration  # noqa: E402
+from tdm.method import TDM  # noqa: E402
 from tdm.survival import exit_process  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -31,7 +31,7 @@ def inject_kill(spec: str) -> None:
         return
     signum = getattr(signal, f"SIG{name[0] if name else 'KILL'}")
     count = [0]
-    start, student_loss = TDM.start, Iteration.student_loss
+    start, student_loss = TDM.start, TDM.student_loss
 
     def counted_start(self, *args, **kwargs):
         count[0] += 1
@@ -45,7 +45,7 @@ def inject_kill(spec: str) -> None:
         return student_loss(self, *args, **kwargs)
 
     TDM.start = counted_start
-    Iteration.student_loss = dying_student_loss
+    TDM.student_loss = dying_student_loss
 
 
 def record_forwards(folder: str) -> None:

@@ -250,7 +250,7 @@ def settings_from_flags(flags: dict) -> Settings:
     timesteps = tuple(flags["timesteps"]) if flags["timesteps"] else None
     return Settings(cfg=flags["cfg"], separate=flags["use_separate"], randmid=flags["use_randmid"],
                     loss=loss, snr_gamma=flags["snr_gamma"],
-                    importance_weight=not flags["no_importance_weight"],
+                    importance_weight=flags["importance_weight"],
                     share_step_draw=flags["share_step_draw"],
                     unify_steps=tuple(sorted(flags["unify_steps"] or ())),
                     fake_step_condition=flags["fake_step_condition"], num_steps=flags["num_steps"],

@@ -103,9 +103,9 @@ def test_training_losses_stay_finite_on_the_999_grid(cog):
     tdm = TDM(cog.path, grid, TDMConfig(cfg=6.0, use_randmid=True, loss="huber"))
     iteration = tdm.start(cog.denoiser(student), cond, cog.encode_prompts([""]),
                           _noise(cog).shape[1:], "cpu")
-    fake_score_loss = iteration.fake_score_loss(cog.denoiser(fake))
-    student_loss = iteration.student_loss(cog.denoiser(student), cog.denoiser(teacher),
-                                          cog.denoiser(fake))
+    fake_score_loss = tdm.fake_score_loss(iteration, cog.denoiser(fake))
+    student_loss = tdm.student_loss(iteration, cog.denoiser(student), cog.denoiser(teacher),
+                                    cog.denoiser(fake))
     student_loss.backward()
     assert torch.isfinite(fake_score_loss) and torch.isfinite(student_loss) and fake_score_loss > 0
     grads = [p.grad for p in student.parameters() if p.requires_grad]

@@ -61,13 +61,31 @@ def test_the_tdm_config_is_the_flags_of_the_same_names():
     from tdm.method import TDMConfig
 
     args = parse_args(["--use_separate", "--use_randmid", "--cfg", "2.5", "--snr_gamma", "3", "--loss",
-                       "huber_norm", "--share_step_draw", "--unify_steps", "4,1,2", "--fake_step_condition"])
-    config = TDMConfig.from_flags(args, guidance_embedding=True, importance_weight=False, lazy_rollout=False)
-    assert config == TDMConfig(cfg=2.5, use_separate=True, use_randmid=True, loss="huber_norm", snr_gamma=3.0,
-                               importance_weight=False, lazy_rollout=False, share_step_draw=True,
-                               unify_steps=(1, 2, 4), fake_step_condition=True, guidance_embedding=True)
-    with pytest.raises(ValueError, match="decides"):   # the backbone's guidance embedding forgotten
-        TDMConfig.from_flags(args, importance_weight=True, lazy_rollout=True)
+                       "huber_norm", "--share_step_draw", "--unify_steps", "4,1,2", "--fake_step_condition",
+                       "--no_importance_weight", "--full_rollout"])
+    assert TDMConfig.from_flags(args) == TDMConfig(
+        cfg=2.5, use_separate=True, use_randmid=True, loss="huber_norm", snr_gamma=3.0,
+        importance_weight=False, full_rollout=True, share_step_draw=True, unify_steps=(1, 2, 4),
+        fake_step_condition=True)
+    assert TDMConfig.from_flags(parse_args([])) == TDMConfig()   # the flags' defaults are the config's
+
+
+def test_a_switch_is_named_once_and_turned_off_with_no(tmp_path):
+    """--importance_weight / --no_importance_weight on the command line; in YAML either name
+    (a run's config.yaml written before the switch held no_importance_weight)."""
+    assert parse_args([]).importance_weight and parse_args(["--importance_weight"]).importance_weight
+    assert not parse_args(["--no_importance_weight"]).importance_weight
+    assert parse_args(["--no_importance_weight", "--importance_weight"]).importance_weight   # the last wins
+    for text, expected in [("importance_weight: false", False), ("no_importance_weight: true", False),
+                           ("no_importance_weight: false", True)]:
+        (tmp_path / "c.yaml").write_text(text + "\n")
+        assert parse_args(["--config", str(tmp_path / "c.yaml")]).importance_weight is expected, text
+    assert parse_args(["--config", str(tmp_path / "c.yaml"), "--no_importance_weight"]).importance_weight is False
+    (tmp_path / "c.yaml").write_text("no_importance_weight: 1\n")
+    with pytest.raises(UsageError, match="key 'no_importance_weight' must be true or false"):
+        parse_args(["--config", str(tmp_path / "c.yaml")])
+    with pytest.raises(UsageError, match="did you mean '--no_importance_weight'"):
+        parse_args(["--no-importance_weight"])
 
 
 def test_yaml_config_and_command_line_precedence(tmp_path):

@@ -287,4 +287,4 @@ def test_a_fake_score_only_start_rolls_out_as_deep_as_its_draw_and_has_no_studen
     assert iteration.student_draw is None
     assert torch.equal(extra.rng.rng.get_state(), full.rng.rng.get_state())   # the same draws made
     with pytest.raises(ValueError, match="fake-score update only"):
-        iteration.student_loss(student, student, student)
+        extra.student_loss(iteration, student, student, student)

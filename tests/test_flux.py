@@ -132,7 +132,7 @@ def test_guidance_embedded_teacher_target_is_one_call_with_cfg_as_guidance(flux)
     counted = lambda x, t, c: calls.append(x.shape[0]) or teacher(x, t, c)  # noqa: E731
     torch.manual_seed(2)
     x_t, t = torch.randn(2, *LATENT), torch.tensor([700, 250])
-    target = TDM(flux.path, StepGrid([999, 499]), TDMConfig(cfg=3.5, guidance_embedding=True)).teacher_x0(
+    target = TDM(flux.path, StepGrid([999, 499]), TDMConfig(cfg=3.5), guidance_embedding=True).teacher_x0(
         counted, x_t, t, cond, uncond)
     assert calls == [2]                                    # once, no unconditional branch
     sigma = flux.path.sigma[t].reshape(2, 1, 1, 1)
@@ -140,7 +140,7 @@ def test_guidance_embedded_teacher_target_is_one_call_with_cfg_as_guidance(flux)
     torch.testing.assert_close(target, x_t - sigma * v)    # x̂0 = x_t − σ v at g = 3.5
     student_view = teacher(x_t, t, cond)[0]                # g = student_guidance = 1
     assert (target - student_view).abs().max() > 1e-3
-    forced = TDM(flux.path, StepGrid([999, 499]), TDMConfig(cfg=3.5, guidance_embedding=False))
+    forced = TDM(flux.path, StepGrid([999, 499]), TDMConfig(cfg=3.5), guidance_embedding=False)
     x0_c, x0_u = teacher(x_t, t, cond)[0], teacher(x_t, t, uncond)[0]
     torch.testing.assert_close(forced.teacher_x0(teacher, x_t, t, cond, uncond),
                                x0_u + 3.5 * (x0_c - x0_u), atol=1e-5, rtol=1e-5)

@@ -41,13 +41,13 @@ def test_each_update_trains_only_its_adapter(backbone):
     cond = backbone.encode_prompts(PROMPTS[:2])
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), TDMConfig(cfg=4.5))
     iteration = tdm.start(nets.student_eval, cond, backbone.encode_prompts([""]), (4, 16, 16), "cpu")
-    iteration.fake_score_loss(nets.fake_score).backward()
+    tdm.fake_score_loss(iteration, nets.fake_score).backward()
     assert all(p.grad is None for p in nets.student_params)
     assert sum(p.grad.abs().sum() for p in nets.fake_score_params) > 0
     for p in nets.fake_score_params:
         p.grad = None
     # the teacher and fake-score calls after the student's forward must not cut its gradient
-    iteration.student_loss(nets.student, nets.teacher, nets.fake_score_eval).backward()
+    tdm.student_loss(iteration, nets.student, nets.teacher, nets.fake_score_eval).backward()
     assert all(p.grad is None for p in nets.fake_score_params)
     assert sum(p.grad.abs().sum() for p in nets.student_params if p.grad is not None) > 0
 
@@ -56,16 +56,16 @@ def losses(backbone, nets, config, seed=0):
     cond = backbone.encode_prompts(PROMPTS)
     tdm = TDM(backbone.path, StepGrid.uniform(4, 900), config, TrainingRNG("cpu", seed))
     iteration = tdm.start(nets.student_eval, cond, backbone.encode_prompts([""]), (4, 16, 16), "cpu")
-    fake_score = iteration.fake_score_loss(nets.fake_score)
-    student = iteration.student_loss(nets.student, nets.teacher, nets.fake_score_eval)
+    fake_score = tdm.fake_score_loss(iteration, nets.fake_score)
+    student = tdm.student_loss(iteration, nets.student, nets.teacher, nets.fake_score_eval)
     return fake_score.item(), student.item(), iteration
 
 
 def test_lazy_rollout_gives_the_same_losses(backbone):
     nets = make_lora(backbone)
     for seed in range(3):
-        lazy = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=True), seed)
-        full = losses(backbone, nets, TDMConfig(cfg=4.5, lazy_rollout=False), seed)
+        lazy = losses(backbone, nets, TDMConfig(cfg=4.5, full_rollout=False), seed)
+        full = losses(backbone, nets, TDMConfig(cfg=4.5, full_rollout=True), seed)
         torch.testing.assert_close(lazy[0], full[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lazy[1], full[1], rtol=1e-5, atol=1e-6)
         iteration = lazy[2]

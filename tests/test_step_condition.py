@@ -113,8 +113,8 @@ def test_unify_draws_one_grid_per_iteration_and_conditions_both_roles():
         assert fake_draw.num_steps == gen_draw.num_steps == K
         assert int(fake_draw.k.max()) <= K and int(gen_draw.k.max()) <= K
         assert iteration.trajectory.states.shape[0] == K
-        iteration.fake_score_loss(fake)
-        iteration.student_loss(student, Recorder(), fake)
+        tdm.fake_score_loss(iteration, fake)
+        tdm.student_loss(iteration, student, Recorder(), fake)
         assert all(torch.all(c[NUM_STEPS] == K) and STEP_INDEX not in c for c in student.calls)
         assert [c[STEP_INDEX].tolist() for c in fake.calls] == [fake_draw.k.tolist(), gen_draw.k.tolist()]
         assert all(torch.all(c[NUM_STEPS] == K) for c in fake.calls)

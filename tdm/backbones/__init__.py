@@ -65,9 +65,9 @@ def load_backbone(model_path: str, name: str = "auto", revision: Optional[str] =
     return cls(model_path, revision=revision, variant=variant, options=options, resolution=resolution)
 
 
-def load_for_training(args, grid) -> tuple:
+def load_for_training(args, grid) -> Backbone:
     """The backbone of --pretrained_model_name_or_path, refused in one line where the flags do not
-    fit it; returns it and the guidance embedding the student is trained with."""
+    fit it; its `guidance_embedding` resolved from --guidance_embedding (docs/method.md §5.1)."""
     try:
         backbone = load_backbone(args.pretrained_model_name_or_path, args.backbone, args.revision,
                                  args.variant, args.backbone_options, args.resolution)
@@ -76,7 +76,7 @@ def load_for_training(args, grid) -> tuple:
                           error) from None
     try:
         backbone.check_fit(args)
-        guidance_embedding = backbone.set_guidance(args.guidance_embedding, args.student_guidance)
+        backbone.set_guidance(args.guidance_embedding, args.student_guidance)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.export_format == "kohya" and (args.train_mode != "lora" or backbone.lora_prefix != "unet"):
@@ -86,7 +86,7 @@ def load_for_training(args, grid) -> tuple:
     if grid.timesteps[0] >= backbone.path.num_timesteps:
         raise UsageError(f"--timesteps/--total_steps: first step {grid.timesteps[0]} is outside the "
                          f"scheduler's range 0..{backbone.path.num_timesteps - 1}")
-    return backbone, guidance_embedding
+    return backbone
 
 
 __all__ = ["Backbone", "Denoiser", "BACKBONES", "load_backbone", "load_for_training",

@@ -152,6 +152,11 @@ class Denoiser:
         self.scope = role_scope(module)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
+        """The role's (x̂0, ε̂). What the role changes is read inside the network from the scope's
+        current call, not passed as arguments: the LoRA weights of the role (tdm.call_weights) and,
+        on a step-conditioned network (§6), the role's step embedding of cond[NUM_STEPS] /
+        cond[STEP_INDEX], added to the timestep embedding by a forward hook on
+        `backbone.step_embedding_site` (tdm.step_condition.StepEmbeddings.add_to)."""
         with self.scope.acting(self.role, cond):
             out = self.backbone.model_output(self.module, x_t, t, cond)
         return self.backbone.path.x0_eps(out, x_t, t, self.backbone.prediction_type)
