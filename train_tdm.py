@@ -196,7 +196,7 @@ def update(accelerator, networks, loss, optimizer, params, max_grad_norm=0.0,
 
 
 def tdm_iteration(accelerator, tdm, networks, cond, uncond, latent_shape, fake_score_optimizer,
-                  student_optimizer, lr_scheduler, max_grad_norm, fake_score_updates=1):
+                  student_optimizer, lr_scheduler, max_grad_norm, fake_score_updates):
     """One TDM iteration on a batch of prompt conditions (docs/method.md §2–5): ψ's update(s)
     (`fake_score_updates`, §4: each on a fresh rollout and draw), then θ's against teacher minus
     the updated ψ on the last one's rollout. Returns the last ψ loss, θ's loss, updates skipped.

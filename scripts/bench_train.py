@@ -298,7 +298,8 @@ def worker(args) -> dict:
         batch = batch or next_batch()
         losses = train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(batch),
                                          run.uncond, run.latent_shape, run.fake_score_optimizer,
-                                         run.student_optimizer, run.lr_scheduler, targs.max_grad_norm)
+                                         run.student_optimizer, run.lr_scheduler, targs.max_grad_norm,
+                                         targs.fake_score_updates)
         return torch.stack([losses[0].detach(), losses[1].detach()]).tolist()   # as training logs
 
     times = []

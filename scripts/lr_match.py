@@ -174,7 +174,8 @@ def measure(args, mode: str, multiplier: float = 1.0) -> dict:
             prompts_batch = next(batches)
         _, _, n_skipped = train_tdm.tdm_iteration(
             run.accelerator, tdm, networks, run.encode(prompts_batch), run.uncond, run.latent_shape,
-            run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler, targs.max_grad_norm)
+            run.fake_score_optimizer, run.student_optimizer, run.lr_scheduler, targs.max_grad_norm,
+            targs.fake_score_updates)
         skipped += n_skipped
         movement.append(((probe() - x0_start).pow(2).mean().sqrt()).item())
         if len(movement) % 10 == 1:

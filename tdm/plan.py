@@ -314,7 +314,7 @@ def _iterate(train_tdm, run, args, optimisers, trace: MemoryTrace):
         with counter if last else contextlib.nullcontext():
             train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, encode(prompts),
                                     run.uncond, run.latent_shape, optimisers[0], optimisers[1],
-                                    run.lr_scheduler, args.max_grad_norm)
+                                    run.lr_scheduler, args.max_grad_norm, args.fake_score_updates)
         if run.accelerator.sync_gradients and run.ema is not None:
             run.ema.update(i + 1)
         for hook in hooks:
