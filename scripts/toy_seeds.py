@@ -13,6 +13,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
     python scripts/toy_seeds.py importance --mixture square5 --seed 3   # how noisy w_IS is in 2-D
     python scripts/toy_seeds.py yardstick square5:3 ring6:4   # the teacher against itself, other noise
+    python scripts/toy_seeds.py bridges noiw:ring6:4           # the ratios with the bridges removed
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -412,9 +413,56 @@ def yardstick(argv) -> None:
               flush=True)
 
 
+def bridges(argv) -> None:
+    """How much of each run's distance to its teacher the points between modes make: the
+    protocol's SWD and MMD² of the student and of the teacher's DDIM 50, as sampled and with
+    their off-mode points (mode_statistics: z > 4 from every mode) replaced by a draw of their
+    own on-mode points (the same sample size, the bridges removed)."""
+    from tdm.backbones import load_backbone
+    from tdm.toy.evaluate import (SEEDS, mmd2_reference_term, mmd2_unbiased, reference_samples,
+                                  sample_all)
+    from tdm.metrics import sliced_wasserstein
+
+    p = argparse.ArgumentParser(prog="toy_seeds.py bridges")
+    p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
+    job = p.parse_args(argv)
+    print("| run | off-mode student / teacher | SWD ratio as sampled / bridges removed | "
+          "MMD² ratio as sampled / bridges removed |\n|---|---|---|---|")
+    for spec in job.runs:
+        tag, mixture, seed = spec.split(":")
+        seed = int(seed)
+        teacher = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
+        backbone = load_backbone(teacher, "toy2d", options=options(mixture, seed))
+        with open(os.path.join(OUT, tag, f"{mixture}_s{seed}", "config.yaml")) as f:
+            import yaml
+            timesteps = yaml.safe_load(f)["timesteps"]
+        student = backbone.load_student(os.path.join(OUT, tag, f"{mixture}_s{seed}"))
+        with torch.no_grad():
+            samples = sample_all(backbone, student, timesteps, 1.0, N_EVAL, repeat=seed, teacher_steps=(50,))
+        reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
+        y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
+        rng = torch.Generator().manual_seed(seed)
+        scores, off = {}, {}
+        for name in ("student_4step", "teacher_ddim50"):
+            x = samples[name]
+            z = (torch.cdist(x.double(), backbone.mixture.means.double()) / backbone.mixture.std.double()).min(1).values
+            on = z <= 4.0
+            off[name] = float((~on).double().mean())
+            cleaned = x.clone()
+            kept = x[on]
+            cleaned[~on] = kept[torch.randint(len(kept), (int((~on).sum()),), generator=rng)]
+            scores[name] = [(sliced_wasserstein(v, reference, PROJECTIONS, SEEDS["projections"]),
+                             mmd2_unbiased(v[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term))
+                            for v in (x, cleaned)]
+        s, t = scores["student_4step"], scores["teacher_ddim50"]
+        print(f"| {tag} {mixture} s{seed} | {off['student_4step']:.3f} / {off['teacher_ddim50']:.3f} | "
+              f"{s[0][0] / t[0][0]:.2f} / {s[1][0] / t[1][0]:.2f} | {s[0][1] / t[0][1]:.2f} / {s[1][1] / t[1][1]:.2f} |",
+              flush=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick"):
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick", "bridges"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -427,6 +475,8 @@ def main(argv=None) -> int:
         importance(argv[1:])
     elif argv[0] == "yardstick":
         yardstick(argv[1:])
+    elif argv[0] == "bridges":
+        bridges(argv[1:])
     else:
         scatter(argv[1], argv[2:])
     return 0
