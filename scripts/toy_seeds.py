@@ -370,18 +370,37 @@ def importance(argv) -> None:
             row(f"Gaussian ε̂, d = {d}", diffuse(path, torch.zeros_like(eps), eps, draw.t_e, draw.t, n)[1], n)
 
 
+def draw_repeats(seed: int, draws: int) -> list:
+    """The evaluation noises of a seed: the protocol's (repeat = seed), then draws − 1 others."""
+    return [seed] + [1000 + seed * 100 + i for i in range(draws - 1)]
+
+
+def scores_over_draws(backbone, net, grid, seed: int, draws: int) -> list:
+    """[(SWD, MMD²)] of `net` rolled out on `grid` from each of the seed's evaluation noises,
+    against the protocol's reference of that seed."""
+    from tdm.metrics import sliced_wasserstein
+    from tdm.toy.evaluate import SEEDS, evaluation_inputs, mmd2_reference_term, mmd2_unbiased, reference_samples
+    from tdm.trajectory import rollout
+
+    reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
+    y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
+    scores = []
+    with torch.no_grad():
+        for repeat in draw_repeats(seed, draws):
+            _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
+            x = rollout(net, noise, cond, grid, backbone.path).sample
+            scores.append((sliced_wasserstein(x, reference, PROJECTIONS, SEEDS["projections"]),
+                           mmd2_unbiased(x[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term)))
+    return scores
+
+
 def yardstick(argv) -> None:
     """How far a sampler equal in law to the teacher lands from the teacher by this protocol: the
-    teacher's DDIM 50 from --draws other noises (evaluation_inputs of other repeats), scored
-    against the protocol's reference of that seed, over its DDIM 50 from the protocol's noise.
-    The spread of these ratios is the metric's own: a 4-step student that matched its teacher
-    exactly would land there."""
-    from tdm.toy.evaluate import (evaluation_inputs, mmd2_reference_term, mmd2_unbiased,
-                                  reference_samples)
-    from tdm.metrics import sliced_wasserstein
+    teacher's DDIM 50 from --draws other noises (draw_repeats), scored against the protocol's
+    reference of that seed, over its DDIM 50 from the protocol's noise. The spread of these
+    ratios is the metric's own: a 4-step student that matched its teacher exactly lands there."""
     from tdm.backbones import load_backbone
-    from tdm.toy.evaluate import SEEDS
-    from tdm.trajectory import StepGrid, rollout
+    from tdm.trajectory import StepGrid
 
     p = argparse.ArgumentParser(prog="toy_seeds.py yardstick")
     p.add_argument("runs", nargs="+", help="MIXTURE:SEED of teachers already trained")
@@ -392,19 +411,11 @@ def yardstick(argv) -> None:
     for spec in job.runs:
         mixture, seed = spec.split(":")
         seed = int(seed)
-        teacher = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
-        backbone = load_backbone(teacher, "toy2d", options=options(mixture, seed))
+        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mixture}_s{seed}"), "toy2d",
+                                 options=options(mixture, seed))
         net = backbone.denoiser(backbone.load_denoiser().eval())
-        reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
-        y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
-        grid = StepGrid.uniform(50, backbone.path.num_timesteps)
-        scores = []
-        with torch.no_grad():
-            for repeat in [seed] + [1000 + seed * 100 + i for i in range(job.draws)]:
-                _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
-                x = rollout(net, noise, cond, grid, backbone.path).sample
-                scores.append((sliced_wasserstein(x, reference, PROJECTIONS, SEEDS["projections"]),
-                               mmd2_unbiased(x[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term)))
+        scores = scores_over_draws(backbone, net, StepGrid.uniform(50, backbone.path.num_timesteps),
+                                   seed, job.draws + 1)
         (swd0, mmd0), rest = scores[0], scores[1:]
         r_swd = [s / swd0 for s, _ in rest]
         r_mmd = [m / mmd0 for _, m in rest]
@@ -459,30 +470,6 @@ def bridges(argv) -> None:
         print(f"| {tag} {mixture} s{seed} | {off['student_4step']:.3f} / {off['teacher_ddim50']:.3f} | "
               f"{s[0][0] / t[0][0]:.2f} / {s[1][0] / t[1][0]:.2f} | {s[0][1] / t[0][1]:.2f} / {s[1][1] / t[1][1]:.2f} |",
               flush=True)
-
-
-def draw_repeats(seed: int, draws: int) -> list:
-    """The evaluation noises of a seed: the protocol's (repeat = seed), then draws − 1 others."""
-    return [seed] + [1000 + seed * 100 + i for i in range(draws - 1)]
-
-
-def scores_over_draws(backbone, net, grid, seed: int, draws: int) -> list:
-    """[(SWD, MMD²)] of `net` rolled out on `grid` from each of the seed's evaluation noises,
-    against the protocol's reference of that seed."""
-    from tdm.metrics import sliced_wasserstein
-    from tdm.toy.evaluate import SEEDS, evaluation_inputs, mmd2_reference_term, mmd2_unbiased, reference_samples
-    from tdm.trajectory import rollout
-
-    reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
-    y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
-    scores = []
-    with torch.no_grad():
-        for repeat in draw_repeats(seed, draws):
-            _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
-            x = rollout(net, noise, cond, grid, backbone.path).sample
-            scores.append((sliced_wasserstein(x, reference, PROJECTIONS, SEEDS["projections"]),
-                           mmd2_unbiased(x[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term)))
-    return scores
 
 
 def rescore(argv) -> None:

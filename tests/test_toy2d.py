@@ -590,3 +590,12 @@ def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_pa
     assert train_tdm.main(toy_run_args(tmp_path, "two_fake", "--validation_steps", "3",
                                        "--fake_score_updates", "2")) == 0
     assert counts == [{"fake": 6, "student": 3}] * 2
+
+
+def test_effective_sample_size_by_hand():
+    """scripts/toy_seeds.py: Kish's (Σw)²/(N·Σw²); w = (1, 1, 2): 16 / (3 · 6) = 8/9; equal weights: 1."""
+    from scripts import toy_seeds
+
+    assert toy_seeds.effective_sample_size(torch.tensor([1.0, 1.0, 2.0])) == pytest.approx(8 / 9, rel=1e-12)
+    assert toy_seeds.effective_sample_size(torch.full((5,), 0.3)) == pytest.approx(1.0, rel=1e-12)
+    assert toy_seeds.draw_repeats(3, 3) == [3, 1300, 1301]   # the protocol's noise first
