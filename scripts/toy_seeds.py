@@ -475,7 +475,7 @@ def bridges(argv) -> None:
 def rescore(argv) -> None:
     """The protocol averaged over --draws evaluation noises (the protocol's own first): the
     student's and the teacher's DDIM 50 mean SWD and MMD², and their ratios. One noise draw of
-    20,000 points moves the SWD by up to ±30 % (`yardstick`: the multinomial noise of the mode
+    20,000 points moves a teacher's own SWD by −36 % to +65 % (`yardstick`: the multinomial noise of the mode
     weights, which SW₂ weighs by the distance between modes); the mean of N draws by ~1/√N of it.
     Writes rescore.json into each run folder (the teacher's draws are cached beside it)."""
     from tdm.backbones import load_backbone
