@@ -1,5 +1,5 @@
 """One rank of the data-parallel equivalence test (tests/test_equivalence.py), launched as
-`accelerate launch --num_processes 2 tests/dp_worker.py MODEL OUT MODE`: rank r runs one
+`accelerate launch --num_processes 2 tests/dp_worker.py MODEL OUT MODE [FLAG ...]`: rank r runs one
 training iteration on its own two prompts and saves its record, its draws and initial weights."""
 import os
 import sys
@@ -12,8 +12,8 @@ import torch  # noqa: E402
 from harness import PROMPTS, Production, train_args  # noqa: E402
 
 
-def main(model: str, out: str, mode: str) -> None:
-    args = train_args(model, out, ["--train_mode", mode, "--gradient_checkpointing"])
+def main(model: str, out: str, mode: str, *flags: str) -> None:
+    args = train_args(model, out, ["--train_mode", mode, "--gradient_checkpointing", *flags])
     production = Production(args, float64=True)
     rank = production.run.accelerator.process_index
     record = production.iterate([PROMPTS[2 * rank: 2 * rank + 2]])
@@ -25,4 +25,4 @@ def main(model: str, out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

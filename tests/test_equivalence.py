@@ -145,18 +145,20 @@ def test_torch_compile_matches_the_reference_and_compiles_once(tiny_models, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tiny_models, tmp_path, mode):
+@pytest.mark.parametrize("mode,flags", [("lora", []), ("full", []), ("full", ["--fake_score_updates", "2"])],
+                         ids=["lora", "full", "full_two_fake_score_updates"])
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tiny_models, tmp_path, mode, flags):
     """Data parallelism: the averaged gradients and the weights after the step of two ranks
-    (two prompts each) are the plain reference's on the four prompts in one batch."""
+    (two prompts each) are the plain reference's on the four prompts in one batch; with two
+    fake-score updates, DDP averages each of the fake score's two backward passes."""
     from conftest import ROOT, free_port, run_script
     from reference import Record
 
     model, out = tiny_models("pixart"), str(tmp_path)
-    args = train_args(model, out, ["--train_mode", mode, "--gradient_checkpointing"])
+    args = train_args(model, out, ["--train_mode", mode, "--gradient_checkpointing", *flags])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(free_port()), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
-           os.path.join(ROOT, "tests", "dp_worker.py"), model, out, mode]
+           os.path.join(ROOT, "tests", "dp_worker.py"), model, out, mode, *flags]
     proc = run_script(cmd, env={"ACCELERATE_USE_CPU": "true"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
