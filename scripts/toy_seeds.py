@@ -13,7 +13,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
     python scripts/toy_seeds.py importance --mixture square5 --seed 3   # how noisy w_IS is in 2-D
     python scripts/toy_seeds.py yardstick square5:3 ring6:4   # the teacher against itself, other noise
-    python scripts/toy_seeds.py bridges noiw:ring6:4           # the ratios with the bridges removed
+    python scripts/toy_seeds.py decompose noiw:ring6:4         # bridges, shapes or weights: which error counts
     python scripts/toy_seeds.py rescore noiw:ring6:4 --draws 6 # the protocol averaged over 6 noises
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
@@ -375,23 +375,39 @@ def draw_repeats(seed: int, draws: int) -> list:
     return [seed] + [1000 + seed * 100 + i for i in range(draws - 1)]
 
 
+def draw_samples(backbone, net, grid, repeat: int) -> torch.Tensor:
+    """N_EVAL points of `net` rolled out on `grid` from evaluation noise `repeat`."""
+    from tdm.toy.evaluate import evaluation_inputs
+    from tdm.trajectory import rollout
+
+    _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
+    with torch.no_grad():
+        return rollout(net, noise, cond, grid, backbone.path).sample
+
+
+class Protocol:
+    """The protocol's SWD and MMD² of a seed: against that seed's reference, with its projections."""
+
+    def __init__(self, backbone, seed: int):
+        from tdm.toy.evaluate import mmd2_reference_term, reference_samples
+
+        self.reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
+        self.y_term = mmd2_reference_term(self.reference[:MMD_N], BANDWIDTH)
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        from tdm.metrics import sliced_wasserstein
+        from tdm.toy.evaluate import SEEDS, mmd2_unbiased
+
+        x = x.float()
+        return (sliced_wasserstein(x, self.reference, PROJECTIONS, SEEDS["projections"]),
+                mmd2_unbiased(x[:MMD_N], self.reference[:MMD_N], BANDWIDTH, y_term=self.y_term))
+
+
 def scores_over_draws(backbone, net, grid, seed: int, draws: int) -> list:
     """[(SWD, MMD²)] of `net` rolled out on `grid` from each of the seed's evaluation noises,
     against the protocol's reference of that seed."""
-    from tdm.metrics import sliced_wasserstein
-    from tdm.toy.evaluate import SEEDS, evaluation_inputs, mmd2_reference_term, mmd2_unbiased, reference_samples
-    from tdm.trajectory import rollout
-
-    reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
-    y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
-    scores = []
-    with torch.no_grad():
-        for repeat in draw_repeats(seed, draws):
-            _, cond, noise = evaluation_inputs(backbone, N_EVAL, repeat)
-            x = rollout(net, noise, cond, grid, backbone.path).sample
-            scores.append((sliced_wasserstein(x, reference, PROJECTIONS, SEEDS["projections"]),
-                           mmd2_unbiased(x[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term)))
-    return scores
+    score = Protocol(backbone, seed)
+    return [score(draw_samples(backbone, net, grid, repeat)) for repeat in draw_repeats(seed, draws)]
 
 
 def yardstick(argv) -> None:
@@ -425,51 +441,68 @@ def yardstick(argv) -> None:
               flush=True)
 
 
-def bridges(argv) -> None:
-    """How much of each run's distance to its teacher the points between modes make: the
-    protocol's SWD and MMD² of the student and of the teacher's DDIM 50, as sampled and with
-    their off-mode points (mode_statistics: z > 4 from every mode) replaced by a draw of their
-    own on-mode points (the same sample size, the bridges removed)."""
-    from tdm.backbones import load_backbone
-    from tdm.toy.evaluate import (SEEDS, mmd2_reference_term, mmd2_unbiased, reference_samples,
-                                  sample_all)
-    from tdm.metrics import sliced_wasserstein
+def idealised(x: torch.Tensor, mixture, rng: torch.Generator) -> dict:
+    """A sample and three copies of it with one kind of error taken out (assign_modes decides
+    each point's mode): "bridges removed", its off-mode points replaced by a draw of its own
+    on-mode points; "true shapes", its on-mode points redrawn from their mode's true Gaussian
+    (the off-mode ones kept); "weights only", every point redrawn from the true Gaussian of its
+    nearest mode — the mixture with the sample's mode weights, nothing else of the sample."""
+    from tdm.toy.evaluate import assign_modes
 
-    p = argparse.ArgumentParser(prog="toy_seeds.py bridges")
+    _, k, on = assign_modes(x, mixture)
+    means, std = mixture.means.double(), mixture.std.double()
+    true_draw = lambda idx: means[idx] + std[idx, None] * torch.randn(len(idx), 2, generator=rng,  # noqa: E731
+                                                                      dtype=torch.float64)
+    x = x.double()
+    kept = x[on]
+    no_bridges = x.clone()
+    no_bridges[~on] = kept[torch.randint(len(kept), (int((~on).sum()),), generator=rng)]
+    shapes = x.clone()
+    shapes[on] = true_draw(k[on])
+    return {"as sampled": x, "bridges removed": no_bridges, "true shapes": shapes,
+            "weights only": true_draw(k)}
+
+
+def decompose(argv) -> None:
+    """Which of a student's errors makes its distance to the teacher: the protocol's SWD and
+    MMD², averaged over --draws evaluation noises, of the student and of the teacher's DDIM 50,
+    each as sampled and with one kind of error taken out (`idealised`): the student's SWD over
+    the teacher's, and both MMD² (an idealised sample's MMD² is near 0, so a ratio of two says
+    nothing). Where the SWD ratio stays when only the mode weights are left, the weights carry it."""
+    from tdm.backbones import load_backbone
+    from tdm.trajectory import StepGrid
+    import yaml
+
+    p = argparse.ArgumentParser(prog="toy_seeds.py decompose")
     p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
+    p.add_argument("--draws", type=int, default=6)
     job = p.parse_args(argv)
-    print("| run | off-mode student / teacher | SWD ratio as sampled / bridges removed | "
-          "MMD² ratio as sampled / bridges removed |\n|---|---|---|---|")
+    kinds = ("as sampled", "bridges removed", "true shapes", "weights only")
+    print("| run | " + " | ".join(f"{k}: SWD ratio, MMD² ×10³ student / teacher" for k in kinds)
+          + " |\n|---|" + "---|" * len(kinds))
     for spec in job.runs:
         tag, mixture, seed = spec.split(":")
         seed = int(seed)
-        teacher = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
-        backbone = load_backbone(teacher, "toy2d", options=options(mixture, seed))
-        with open(os.path.join(OUT, tag, f"{mixture}_s{seed}", "config.yaml")) as f:
-            import yaml
+        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mixture}_s{seed}"), "toy2d",
+                                 options=options(mixture, seed))
+        folder = os.path.join(OUT, tag, f"{mixture}_s{seed}")
+        with open(os.path.join(folder, "config.yaml")) as f:
             timesteps = yaml.safe_load(f)["timesteps"]
-        student = backbone.load_student(os.path.join(OUT, tag, f"{mixture}_s{seed}"))
-        with torch.no_grad():
-            samples = sample_all(backbone, student, timesteps, 1.0, N_EVAL, repeat=seed, teacher_steps=(50,))
-        reference = reference_samples(backbone.mixture, N_EVAL * REF_FACTOR, seed)
-        y_term = mmd2_reference_term(reference[:MMD_N], BANDWIDTH)
-        rng = torch.Generator().manual_seed(seed)
-        scores, off = {}, {}
-        for name in ("student_4step", "teacher_ddim50"):
-            x = samples[name]
-            z = (torch.cdist(x.double(), backbone.mixture.means.double()) / backbone.mixture.std.double()).min(1).values
-            on = z <= 4.0
-            off[name] = float((~on).double().mean())
-            cleaned = x.clone()
-            kept = x[on]
-            cleaned[~on] = kept[torch.randint(len(kept), (int((~on).sum()),), generator=rng)]
-            scores[name] = [(sliced_wasserstein(v, reference, PROJECTIONS, SEEDS["projections"]),
-                             mmd2_unbiased(v[:MMD_N], reference[:MMD_N], BANDWIDTH, y_term=y_term))
-                            for v in (x, cleaned)]
-        s, t = scores["student_4step"], scores["teacher_ddim50"]
-        print(f"| {tag} {mixture} s{seed} | {off['student_4step']:.3f} / {off['teacher_ddim50']:.3f} | "
-              f"{s[0][0] / t[0][0]:.2f} / {s[1][0] / t[1][0]:.2f} | {s[0][1] / t[0][1]:.2f} / {s[1][1] / t[1][1]:.2f} |",
-              flush=True)
+        samplers = {"student": (backbone.denoiser(backbone.load_student(folder).eval()), StepGrid(timesteps)),
+                    "teacher": (backbone.denoiser(backbone.load_denoiser().eval()),
+                                StepGrid.uniform(50, backbone.path.num_timesteps))}
+        score, rng = Protocol(backbone, seed), torch.Generator().manual_seed(seed)
+        totals = {(who, kind): [0.0, 0.0] for who in samplers for kind in kinds}
+        for repeat in draw_repeats(seed, job.draws):
+            for who, (net, grid) in samplers.items():
+                for kind, x in idealised(draw_samples(backbone, net, grid, repeat), backbone.mixture, rng).items():
+                    swd, mmd = score(x)
+                    totals[who, kind][0] += swd
+                    totals[who, kind][1] += mmd
+        cells = [f"{totals['student', k][0] / totals['teacher', k][0]:.2f}, "
+                 f"{totals['student', k][1] * 1e3 / job.draws:.2f} / {totals['teacher', k][1] * 1e3 / job.draws:.2f}"
+                 for k in kinds]
+        print(f"| {tag} {mixture} s{seed} | " + " | ".join(cells) + " |", flush=True)
 
 
 def rescore(argv) -> None:
@@ -518,7 +551,7 @@ def rescore(argv) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick", "bridges", "rescore"):
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick", "decompose", "rescore"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -531,8 +564,8 @@ def main(argv=None) -> int:
         importance(argv[1:])
     elif argv[0] == "yardstick":
         yardstick(argv[1:])
-    elif argv[0] == "bridges":
-        bridges(argv[1:])
+    elif argv[0] == "decompose":
+        decompose(argv[1:])
     elif argv[0] == "rescore":
         rescore(argv[1:])
     else:

@@ -592,6 +592,35 @@ def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_pa
     assert counts == [{"fake": 6, "student": 3}] * 2
 
 
+def test_idealised_takes_out_one_kind_of_error():
+    """scripts/toy_seeds.py decompose: modes (0, 0) std 0.1 and (1, 0) std 0.2; 4,000 points
+    squeezed onto mode 0, 1,000 onto mode 1, 1,000 at (0.5, 1) (off: z = 5.6 of mode 1, 11.2 of
+    mode 0). Bridges removed: no off-mode point left, the on-mode ones untouched; true shapes: the
+    off-mode ones untouched, the modes' widths 1; weights only: the off-mode points join mode 1,
+    every width 1."""
+    from scripts import toy_seeds
+    from tdm.toy.evaluate import mode_statistics
+    from tdm.toy.mixture import GaussianMixture
+
+    mixture = GaussianMixture.from_options({"means": [[0, 0], [1, 0]], "std": [0.1, 0.2]})
+    rng = torch.Generator().manual_seed(0)
+    x = torch.cat([0.02 * torch.randn(4000, 2, generator=rng),
+                   torch.tensor([1.0, 0.0]) + 0.02 * torch.randn(1000, 2, generator=rng),
+                   torch.tensor([0.5, 1.0]).expand(1000, 2)]).double()
+    on = torch.arange(6000) < 5000
+    versions = toy_seeds.idealised(x, mixture, torch.Generator().manual_seed(1))
+    assert torch.equal(versions["as sampled"], x)
+    assert torch.equal(versions["bridges removed"][on], x[on])
+    assert mode_statistics(versions["bridges removed"], mixture)["off_mode"] == 0.0
+    assert torch.equal(versions["true shapes"][~on], x[~on])
+    shapes = mode_statistics(versions["true shapes"], mixture)
+    assert shapes["off_mode"] == pytest.approx(1 / 6, abs=2e-3)
+    assert shapes["width"] == pytest.approx([1.0, 1.0], abs=0.05)
+    weights = mode_statistics(versions["weights only"], mixture)
+    assert weights["off_mode"] < 2e-3 and weights["weights"] == pytest.approx([2 / 3, 1 / 3], abs=2e-3)
+    assert weights["width"] == pytest.approx([1.0, 1.0], abs=0.05)
+
+
 def test_effective_sample_size_by_hand():
     """scripts/toy_seeds.py: Kish's (Σw)²/(N·Σw²); w = (1, 1, 2): 16 / (3 · 6) = 8/9; equal weights: 1."""
     from scripts import toy_seeds

@@ -251,6 +251,14 @@ def _advancing(samples: dict, progress, first: int = 0):
             progress.update(1)
 
 
+def assign_modes(points: torch.Tensor, mixture, radius: float = 4.0):
+    """Each point's nearest mode in units of that mode's std, z_j = ‖x − μ_j‖/s_j: (min_j z_j,
+    argmin_j z_j, whether min_j z_j ≤ `radius`), all float64/long of length n."""
+    z = torch.cdist(points.double(), mixture.means.double()) / mixture.std.double()
+    nearest, assigned = z.min(dim=1)
+    return nearest, assigned, nearest <= radius
+
+
 def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
     """Where a sampler's error lies, mode by mode. Each point goes to the mode j nearest in units
     of that mode's std, z_j = ‖x − μ_j‖/s_j; a point with min_j z_j > `radius` lies off every
@@ -263,10 +271,7 @@ def mode_statistics(points: torch.Tensor, mixture, radius: float = 4.0) -> dict:
                      (0.999 for a true Gaussian: the cut at `radius` trims the tail), < 1 narrower;
       width_mean:    the widths averaged with the mixture's weights.
     """
-    x = points.double()
-    z = torch.cdist(x, mixture.means.double()) / mixture.std.double()
-    nearest, assigned = z.min(dim=1)
-    on = nearest <= radius
+    nearest, assigned, on = assign_modes(points, mixture, radius)
     counts = torch.bincount(assigned[on], minlength=len(mixture.means)).double()
     shares = counts / counts.sum().clamp(min=1)
     sum_z2 = torch.zeros(len(mixture.means), dtype=torch.float64)
