@@ -468,7 +468,9 @@ def decompose(argv) -> None:
     MMD², averaged over --draws evaluation noises, of the student and of the teacher's DDIM 50,
     each as sampled and with one kind of error taken out (`idealised`): the student's SWD over
     the teacher's, and both MMD² (an idealised sample's MMD² is near 0, so a ratio of two says
-    nothing). Where the SWD ratio stays when only the mode weights are left, the weights carry it."""
+    nothing). Where the SWD ratio stays when only the mode weights are left, the weights carry it;
+    the mode shares' difference (every point to its nearest mode, mean over the draws) says how
+    far they are apart."""
     from tdm.backbones import load_backbone
     from tdm.trajectory import StepGrid
     import yaml
@@ -477,9 +479,11 @@ def decompose(argv) -> None:
     p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
     p.add_argument("--draws", type=int, default=6)
     job = p.parse_args(argv)
+    from tdm.toy.evaluate import assign_modes
+
     kinds = ("as sampled", "bridges removed", "true shapes", "weights only")
     print("| run | " + " | ".join(f"{k}: SWD ratio, MMD² ×10³ student / teacher" for k in kinds)
-          + " |\n|---|" + "---|" * len(kinds))
+          + " | mode shares, student − teacher | ½ Σ abs |\n|---|" + "---|" * (len(kinds) + 2))
     for spec in job.runs:
         tag, mixture, seed = spec.split(":")
         seed = int(seed)
@@ -493,16 +497,21 @@ def decompose(argv) -> None:
                                 StepGrid.uniform(50, backbone.path.num_timesteps))}
         score, rng = Protocol(backbone, seed), torch.Generator().manual_seed(seed)
         totals = {(who, kind): [0.0, 0.0] for who in samplers for kind in kinds}
+        shares = {who: torch.zeros(len(backbone.mixture.means), dtype=torch.float64) for who in samplers}
         for repeat in draw_repeats(seed, job.draws):
             for who, (net, grid) in samplers.items():
-                for kind, x in idealised(draw_samples(backbone, net, grid, repeat), backbone.mixture, rng).items():
+                x = draw_samples(backbone, net, grid, repeat)
+                shares[who] += torch.bincount(assign_modes(x, backbone.mixture)[1], minlength=len(shares[who])) / len(x)
+                for kind, x in idealised(x, backbone.mixture, rng).items():
                     swd, mmd = score(x)
                     totals[who, kind][0] += swd
                     totals[who, kind][1] += mmd
         cells = [f"{totals['student', k][0] / totals['teacher', k][0]:.2f}, "
                  f"{totals['student', k][1] * 1e3 / job.draws:.2f} / {totals['teacher', k][1] * 1e3 / job.draws:.2f}"
                  for k in kinds]
-        print(f"| {tag} {mixture} s{seed} | " + " | ".join(cells) + " |", flush=True)
+        gap = (shares["student"] - shares["teacher"]) / job.draws   # every point to its nearest mode
+        print(f"| {tag} {mixture} s{seed} | " + " | ".join(cells) + " | "
+              + " ".join(f"{g:+.4f}" for g in gap) + f" | {0.5 * float(gap.abs().sum()):.4f} |", flush=True)
 
 
 def rescore(argv) -> None:
