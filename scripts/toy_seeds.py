@@ -472,6 +472,7 @@ def decompose(argv) -> None:
     the mode shares' difference (every point to its nearest mode, mean over the draws) says how
     far they are apart."""
     from tdm.backbones import load_backbone
+    from tdm.toy.evaluate import assign_modes
     from tdm.trajectory import StepGrid
     import yaml
 
@@ -479,8 +480,6 @@ def decompose(argv) -> None:
     p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
     p.add_argument("--draws", type=int, default=6)
     job = p.parse_args(argv)
-    from tdm.toy.evaluate import assign_modes
-
     kinds = ("as sampled", "bridges removed", "true shapes", "weights only")
     print("| run | " + " | ".join(f"{k}: SWD ratio, MMD² ×10³ student / teacher" for k in kinds)
           + " | mode shares, student − teacher | ½ Σ abs |\n|---|" + "---|" * (len(kinds) + 2))
