@@ -51,26 +51,26 @@ def plan_measured_code(tree: str, flags: list) -> int:
     import train_tdm
     from tdm.config import parse_args
 
-    scratch = tempfile.mkdtemp(prefix="tdm-plan-")
-    batch = int(flags[flags.index("--train_batch_size") + 1])
-    with open(os.path.join(scratch, "prompts.txt"), "w") as f:
-        f.write("a photo of a cat on a chair\n" * batch)
-    args = parse_args(flags + ["--output_dir", os.path.join(scratch, "run"), "--prompts",
-                               os.path.join(scratch, "prompts.txt"), "--report_to", "none",
-                               "--checkpointing_steps", "0", "--validation_steps", "0"])
-    with sim.accelerate_on(sim.SIMULATED), sim.SimulatedDevice(), sim.weightless_loading(), \
-            sim.MemoryTrace(sim.SIMULATED, sim.ALLOCATOR_BLOCK) as trace, sim.cuda_autocast():
-        run = train_tdm.build(args)
-        optimisers = [run.accelerator.prepare_optimizer(torch.optim.AdamW(
-            params, lr=1e-5, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-            weight_decay=args.adam_weight_decay, foreach=True))
-            for params in (run.networks.fake_params, run.networks.student_params)]
-        prompts = list(run.dataloader.dataset)[:batch]
-        for _ in range(2):   # the first allocates the optimiser states
-            train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(prompts),
-                                    run.uncond, run.latent_shape, optimisers[0], optimisers[1],
-                                    run.lr_scheduler, args.max_grad_norm)
-        return trace.peak
+    with tempfile.TemporaryDirectory(prefix="tdm-plan-") as scratch:   # removed after
+        batch = int(flags[flags.index("--train_batch_size") + 1])
+        with open(os.path.join(scratch, "prompts.txt"), "w") as f:
+            f.write("a photo of a cat on a chair\n" * batch)
+        args = parse_args(flags + ["--output_dir", os.path.join(scratch, "run"), "--prompts",
+                                   os.path.join(scratch, "prompts.txt"), "--report_to", "none",
+                                   "--checkpointing_steps", "0", "--validation_steps", "0"])
+        with sim.accelerate_on(sim.SIMULATED), sim.SimulatedDevice(), sim.weightless_loading(), \
+                sim.MemoryTrace(sim.SIMULATED, sim.ALLOCATOR_BLOCK) as trace, sim.cuda_autocast():
+            run = train_tdm.build(args)
+            optimisers = [run.accelerator.prepare_optimizer(torch.optim.AdamW(
+                params, lr=1e-5, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                weight_decay=args.adam_weight_decay, foreach=True))
+                for params in (run.networks.fake_params, run.networks.student_params)]
+            prompts = list(run.dataloader.dataset)[:batch]
+            for _ in range(2):   # the first allocates the optimiser states
+                train_tdm.tdm_iteration(run.accelerator, run.tdm, run.networks, run.encode(prompts),
+                                        run.uncond, run.latent_shape, optimisers[0], optimisers[1],
+                                        run.lr_scheduler, args.max_grad_norm)
+            return trace.peak
 
 
 def validate() -> int:
@@ -80,27 +80,27 @@ def validate() -> int:
     from tdm.plan import plan
     from tdm.tiny import build_tiny_pixart
 
-    scratch = tempfile.mkdtemp(prefix="tdm-validate-")
-    folder = build_tiny_pixart(os.path.join(scratch, "pixart-full"), size="full", weights=False)
-    tree = os.path.join(scratch, "measured-code")
-    os.makedirs(tree)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", MEASURED_COMMIT], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
-    print("| mode | batch | checkpointing | measured | planned, measured code | error | "
-          "planned, today's code | s to plan |\n|---|---|---|---|---|---|---|---|")
-    for mode, batch, checkpointing, measured in MEASURED:
-        flags = bench_flags(folder, mode, batch, checkpointing)
-        proc = subprocess.run([sys.executable, __file__, "--measured_code", tree, *flags],
-                              capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr[-3000:])
-            return 1
-        old = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
-        today = plan(parse_args(flags))
-        print(f"| {mode} | {batch} | {'yes' if checkpointing else 'no'} | {measured / MiB:.0f} MiB "
-              f"| {old / MiB:.0f} MiB | {(old - measured) / measured:+.1%} "
-              f"| {today.peak / MiB:.0f} MiB | {today.seconds:.0f} |", flush=True)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="tdm-validate-") as scratch:   # removed after
+        folder = build_tiny_pixart(os.path.join(scratch, "pixart-full"), size="full", weights=False)
+        tree = os.path.join(scratch, "measured-code")
+        os.makedirs(tree)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", MEASURED_COMMIT], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        print("| mode | batch | checkpointing | measured | planned, measured code | error | "
+              "planned, today's code | s to plan |\n|---|---|---|---|---|---|---|---|")
+        for mode, batch, checkpointing, measured in MEASURED:
+            flags = bench_flags(folder, mode, batch, checkpointing)
+            proc = subprocess.run([sys.executable, __file__, "--measured_code", tree, *flags],
+                                  capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-3000:])
+                return 1
+            old = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+            today = plan(parse_args(flags))
+            print(f"| {mode} | {batch} | {'yes' if checkpointing else 'no'} | {measured / MiB:.0f} MiB "
+                  f"| {old / MiB:.0f} MiB | {(old - measured) / measured:+.1%} "
+                  f"| {today.peak / MiB:.0f} MiB | {today.seconds:.0f} |", flush=True)
+        return 0
 
 
 def table(configs: list, cached_only: bool = False) -> int:
