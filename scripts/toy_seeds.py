@@ -15,6 +15,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py yardstick square5:3 ring6:4   # the teacher against itself, other noise
     python scripts/toy_seeds.py decompose noiw:ring6:4         # bridges, shapes or weights: which error counts
     python scripts/toy_seeds.py rescore noiw:ring6:4 --draws 6 # the protocol averaged over 6 noises
+    python scripts/toy_seeds.py shares hn:ring6:4              # mode weights: start, student, DDIM 50/200/1000
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -441,6 +442,40 @@ def yardstick(argv) -> None:
               flush=True)
 
 
+class FinishedRun:
+    """A finished run named TAG:MIXTURE:SEED: its teacher's backbone, its folder and the
+    student's grid (config.yaml)."""
+
+    def __init__(self, spec: str):
+        from tdm.backbones import load_backbone
+        from tdm.trajectory import StepGrid
+        import yaml
+
+        self.tag, self.mixture, seed = spec.split(":")
+        self.seed = int(seed)
+        self.teacher_folder = os.path.join(OUT, "teachers", f"{self.mixture}_s{self.seed}")
+        self.backbone = load_backbone(self.teacher_folder, "toy2d", options=options(self.mixture, self.seed))
+        self.folder = os.path.join(OUT, self.tag, f"{self.mixture}_s{self.seed}")
+        with open(os.path.join(self.folder, "config.yaml")) as f:
+            self.grid = StepGrid(yaml.safe_load(f)["timesteps"])
+        self.name = f"{self.tag} {self.mixture} s{self.seed}"
+
+    def student(self):
+        return self.backbone.denoiser(self.backbone.load_student(self.folder).eval())
+
+    def teacher(self):
+        return self.backbone.denoiser(self.backbone.load_denoiser().eval())
+
+
+def finished_runs(prog: str, argv) -> tuple:
+    """(--draws, [FinishedRun]) of a subcommand that takes TAG:MIXTURE:SEED of finished runs."""
+    p = argparse.ArgumentParser(prog=f"toy_seeds.py {prog}")
+    p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
+    p.add_argument("--draws", type=int, default=6)
+    job = p.parse_args(argv)
+    return job.draws, (FinishedRun(spec) for spec in job.runs)
+
+
 def idealised(x: torch.Tensor, mixture, rng: torch.Generator) -> dict:
     """A sample and three copies of it with one kind of error taken out (assign_modes decides
     each point's mode): "bridges removed", its off-mode points replaced by a draw of its own
@@ -471,46 +506,71 @@ def decompose(argv) -> None:
     nothing). Where the SWD ratio stays when only the mode weights are left, the weights carry it;
     the mode shares' difference (every point to its nearest mode, mean over the draws) says how
     far they are apart."""
-    from tdm.backbones import load_backbone
     from tdm.toy.evaluate import assign_modes
     from tdm.trajectory import StepGrid
-    import yaml
 
-    p = argparse.ArgumentParser(prog="toy_seeds.py decompose")
-    p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
-    p.add_argument("--draws", type=int, default=6)
-    job = p.parse_args(argv)
+    draws, runs = finished_runs("decompose", argv)
     kinds = ("as sampled", "bridges removed", "true shapes", "weights only")
     print("| run | " + " | ".join(f"{k}: SWD ratio, MMD² ×10³ student / teacher" for k in kinds)
           + " | mode shares, student − teacher | ½ Σ abs |\n|---|" + "---|" * (len(kinds) + 2))
-    for spec in job.runs:
-        tag, mixture, seed = spec.split(":")
-        seed = int(seed)
-        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mixture}_s{seed}"), "toy2d",
-                                 options=options(mixture, seed))
-        folder = os.path.join(OUT, tag, f"{mixture}_s{seed}")
-        with open(os.path.join(folder, "config.yaml")) as f:
-            timesteps = yaml.safe_load(f)["timesteps"]
-        samplers = {"student": (backbone.denoiser(backbone.load_student(folder).eval()), StepGrid(timesteps)),
-                    "teacher": (backbone.denoiser(backbone.load_denoiser().eval()),
-                                StepGrid.uniform(50, backbone.path.num_timesteps))}
+    for run in runs:
+        backbone, seed = run.backbone, run.seed
+        samplers = {"student": (run.student(), run.grid),
+                    "teacher": (run.teacher(), StepGrid.uniform(50, backbone.path.num_timesteps))}
         score, rng = Protocol(backbone, seed), torch.Generator().manual_seed(seed)
         totals = {(who, kind): [0.0, 0.0] for who in samplers for kind in kinds}
-        shares = {who: torch.zeros(len(backbone.mixture.means), dtype=torch.float64) for who in samplers}
-        for repeat in draw_repeats(seed, job.draws):
+        found = {who: torch.zeros(len(backbone.mixture.means), dtype=torch.float64) for who in samplers}
+        for repeat in draw_repeats(seed, draws):
             for who, (net, grid) in samplers.items():
                 x = draw_samples(backbone, net, grid, repeat)
-                shares[who] += torch.bincount(assign_modes(x, backbone.mixture)[1], minlength=len(shares[who])) / len(x)
+                found[who] += torch.bincount(assign_modes(x, backbone.mixture)[1], minlength=len(found[who])) / len(x)
                 for kind, x in idealised(x, backbone.mixture, rng).items():
                     swd, mmd = score(x)
                     totals[who, kind][0] += swd
                     totals[who, kind][1] += mmd
         cells = [f"{totals['student', k][0] / totals['teacher', k][0]:.2f}, "
-                 f"{totals['student', k][1] * 1e3 / job.draws:.2f} / {totals['teacher', k][1] * 1e3 / job.draws:.2f}"
+                 f"{totals['student', k][1] * 1e3 / draws:.2f} / {totals['teacher', k][1] * 1e3 / draws:.2f}"
                  for k in kinds]
-        gap = (shares["student"] - shares["teacher"]) / job.draws   # every point to its nearest mode
-        print(f"| {tag} {mixture} s{seed} | " + " | ".join(cells) + " | "
+        gap = (found["student"] - found["teacher"]) / draws   # every point to its nearest mode
+        print(f"| {run.name} | " + " | ".join(cells) + " | "
               + " ".join(f"{g:+.4f}" for g in gap) + f" | {0.5 * float(gap.abs().sum()):.4f} |", flush=True)
+
+
+def mean_shares(backbone, net, grid, seed: int, draws: int) -> torch.Tensor:
+    """The share of each mode (every point to its nearest, assign_modes) of `net` rolled out on
+    `grid`, averaged over the seed's `draws` evaluation noises."""
+    from tdm.toy.evaluate import assign_modes
+
+    total = torch.zeros(len(backbone.mixture.means), dtype=torch.float64)
+    for repeat in draw_repeats(seed, draws):
+        x = draw_samples(backbone, net, grid, repeat)
+        total += torch.bincount(assign_modes(x, backbone.mixture)[1], minlength=len(total)) / len(x)
+    return total / draws
+
+
+def shares(argv) -> None:
+    """Where a student's mode weights lie between where it starts and what it is matched to: the
+    mode shares (mean_shares) of the student, of the teacher's DDIM on the student's grid (the
+    student's start: it is initialised from the teacher), and of the teacher's DDIM 50, 200 and
+    1000 — 1000 steps standing for the teacher's own flow, which distribution matching aims at —
+    each with half its L1 distance to the flow's shares and to the mixture's weights."""
+    from tdm.trajectory import StepGrid
+
+    draws, runs = finished_runs("shares", argv)
+    print("| run | sampler | mode shares | ½ Σ abs to DDIM 1000 | ½ Σ abs to the mixture's weights |\n"
+          "|---|---|---|---|---|")
+    for run in runs:
+        backbone, grid = run.backbone, run.grid
+        teacher, steps = run.teacher(), backbone.path.num_timesteps
+        samplers = {"student": (run.student(), grid),
+                    f"teacher DDIM {len(grid.timesteps)} (the start)": (teacher, grid),
+                    **{f"teacher DDIM {n}": (teacher, StepGrid.uniform(n, steps)) for n in (50, 200, 1000)}}
+        found = {name: mean_shares(backbone, net, g, run.seed, draws) for name, (net, g) in samplers.items()}
+        flow, truth = found["teacher DDIM 1000"], backbone.mixture.weights.double()
+        for name, v in found.items():
+            print(f"| {run.name} | {name} | " + " ".join(f"{x:.4f}" for x in v)
+                  + f" | {0.5 * float((v - flow).abs().sum()):.4f} | {0.5 * float((v - truth).abs().sum()):.4f} |",
+                  flush=True)
 
 
 def rescore(argv) -> None:
@@ -519,47 +579,35 @@ def rescore(argv) -> None:
     20,000 points moves a teacher's own SWD by −36 % to +65 % (`yardstick`: the multinomial noise of the mode
     weights, which SW₂ weighs by the distance between modes); the mean of N draws by ~1/√N of it.
     Writes rescore.json into each run folder (the teacher's draws are cached beside it)."""
-    from tdm.backbones import load_backbone
     from tdm.trajectory import StepGrid
-    import yaml
 
-    p = argparse.ArgumentParser(prog="toy_seeds.py rescore")
-    p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
-    p.add_argument("--draws", type=int, default=6)
-    job = p.parse_args(argv)
-    for spec in job.runs:
-        tag, mixture, seed = spec.split(":")
-        seed = int(seed)
-        teacher = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
-        folder = os.path.join(OUT, tag, f"{mixture}_s{seed}")
-        backbone = load_backbone(teacher, "toy2d", options=options(mixture, seed))
-        cached = os.path.join(teacher, f"ddim50_draws{job.draws}_seed{seed}.json")
+    draws, runs = finished_runs("rescore", argv)
+    for run in runs:
+        backbone, seed = run.backbone, run.seed
+        cached = os.path.join(run.teacher_folder, f"ddim50_draws{draws}_seed{seed}.json")
         if not os.path.exists(cached):
-            net = backbone.denoiser(backbone.load_denoiser().eval())
-            teacher_scores = scores_over_draws(backbone, net, StepGrid.uniform(50, backbone.path.num_timesteps),
-                                               seed, job.draws)
+            teacher_scores = scores_over_draws(backbone, run.teacher(),
+                                               StepGrid.uniform(50, backbone.path.num_timesteps), seed, draws)
             with open(cached, "w") as f:
                 json.dump(teacher_scores, f)
         with open(cached) as f:
             teacher_scores = json.load(f)
-        with open(os.path.join(folder, "config.yaml")) as f:
-            timesteps = yaml.safe_load(f)["timesteps"]
-        student = backbone.denoiser(backbone.load_student(folder).eval())
-        student_scores = scores_over_draws(backbone, student, StepGrid(timesteps), seed, job.draws)
+        student_scores = scores_over_draws(backbone, run.student(), run.grid, seed, draws)
         mean = lambda scores, i: statistics.mean(s[i] for s in scores)  # noqa: E731
-        result = {"draws": job.draws, "student": student_scores, "teacher": teacher_scores,
+        result = {"draws": draws, "student": student_scores, "teacher": teacher_scores,
                   "r_swd": mean(student_scores, 0) / mean(teacher_scores, 0),
                   "r_mmd": mean(student_scores, 1) / mean(teacher_scores, 1)}
-        with open(os.path.join(folder, "rescore.json"), "w") as f:
+        with open(os.path.join(run.folder, "rescore.json"), "w") as f:
             json.dump(result, f, indent=1)
-        print(f"{tag} {mixture} s{seed}: mean of {job.draws} draws SWD {mean(student_scores, 0):.4f} / teacher "
+        print(f"{run.name}: mean of {draws} draws SWD {mean(student_scores, 0):.4f} / teacher "
               f"{mean(teacher_scores, 0):.4f} = {result['r_swd']:.2f}, MMD² {mean(student_scores, 1) * 1e3:.2f} / "
               f"{mean(teacher_scores, 1) * 1e3:.2f} = {result['r_mmd']:.2f}", flush=True)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick", "decompose", "rescore"):
+    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick",
+                                   "decompose", "rescore", "shares"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -576,6 +624,8 @@ def main(argv=None) -> int:
         decompose(argv[1:])
     elif argv[0] == "rescore":
         rescore(argv[1:])
+    elif argv[0] == "shares":
+        shares(argv[1:])
     else:
         scatter(argv[1], argv[2:])
     return 0
