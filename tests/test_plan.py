@@ -125,6 +125,28 @@ def test_plan_agrees_in_full_mode_with_checkpointing_and_bf16(tiny_models, tmp_p
     assert planned.at_peak.get("gradients", 0) > 0      # accumulating: gradients held at the peak
 
 
+def test_plan_counts_the_rows_and_flops_of_a_full_rollout_by_hand(tiny_models, tmp_path):
+    """The toy (hidden 32, depth 2, time channels 16), full mode, --full_rollout, K = 4, CFG on,
+    batch 2. Rows per sample (docs/method.md §2–5): the student 4 in the rollout + 1 with
+    gradient, the teacher's two CFG branches 2, the fake score 2 (its loss, then read by the
+    student's). One row's forward: the Linear layers time 16→32, 32→32, in 2→32, 2 blocks ×
+    2 × 32→32, out 32→2, at 2·in·out FLOPs each: 11,520. Backward of the two rows with gradient
+    (fake score, student): 2·in·out for every weight's gradient and every input's, but for the
+    two layers whose input needs none (the noisy sample and the sinusoids): 2 · 11,520 − 128 −
+    1,024 = 21,888. An iteration: 2 · (9 · 11,520 + 2 · 21,888) = 294,912 FLOPs."""
+    from tdm.plan import plan
+
+    args = train_args(tiny_models("toy2d"), str(tmp_path), ["--train_mode", "full", "--full_rollout"],
+                      family="toy2d", prompts=TOY_PROMPTS)
+    assert (args.num_steps, args.cfg, args.train_batch_size) == (4, 3.0, 2)
+    planned = plan(args, gpu_autocast=False, allocator_block=1)
+    assert planned.rows == {"fake_score": 2.0, "student": 5.0, "teacher": 2.0}
+    forward = 2 * (16 * 32 + 32 * 32 + 2 * 32 + 2 * 2 * 32 * 32 + 32 * 2)
+    backward = 2 * forward - 2 * 2 * 32 - 2 * 16 * 32
+    assert (forward, backward) == (11520, 21888)
+    assert planned.tflop * 1e12 == pytest.approx(2 * (9 * forward + 2 * backward), rel=1e-12)
+
+
 def test_every_shipped_config_plans_its_published_model_from_the_repository():
     """Each config's teacher has its configs in tdm/published/ (no download): the adapter
     reads them and accepts the config's sizes before any weight is loaded."""
