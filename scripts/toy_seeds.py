@@ -468,7 +468,7 @@ class FinishedRun:
 
 
 def finished_runs(prog: str, argv) -> tuple:
-    """(--draws, [FinishedRun]) of a subcommand that takes TAG:MIXTURE:SEED of finished runs."""
+    """(--draws, the FinishedRun of each TAG:MIXTURE:SEED given, loaded as the loop reaches it)."""
     p = argparse.ArgumentParser(prog=f"toy_seeds.py {prog}")
     p.add_argument("runs", nargs="+", help="TAG:MIXTURE:SEED of finished runs")
     p.add_argument("--draws", type=int, default=6)
