@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Dict, List, Optional
 
 import torch
@@ -337,3 +338,8 @@ def assert_records_close(actual: Record, expected: Record, rtol: float) -> None:
                        ("student", actual.student_grads, expected.student_grads)):
         error = relative_error(a, e)
         assert error <= rtol, f"{what} gradient: relative L2 error {error:.3g} > {rtol}"
+
+
+def card_snippet(card: str) -> str:
+    """The Python block of a model card (README.md), as a user would copy it."""
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, accelerate_launch, loaded_backbone, run_script, teacher_and_lora_student
+from harness import card_snippet
 from tdm.lora import save_lora
 from tdm.method import TDM, TDMConfig
 from tdm.trajectory import StepGrid
@@ -207,7 +208,7 @@ def test_full_student_folder_loads_into_the_pipeline(cog, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_export_and_infer_video(tiny_cogvideox, tmp_path):
+def test_train_export_and_infer_video(tiny_cogvideox, tmp_path, monkeypatch):
     out = tmp_path / "run"
     proc = accelerate_launch([
         "--pretrained_model_name_or_path", tiny_cogvideox, "--output_dir", str(out),
@@ -229,3 +230,33 @@ def test_train_export_and_infer_video(tiny_cogvideox, tmp_path):
         gif = Image.open(tmp_path / "x.gif")
         assert gif.n_frames == FRAMES and gif.size == (SIZE, SIZE)
     assert "[999, 856, 665, 399]" in proc.stdout
+
+    # the model card's snippet, run as written, samples the frames infer_tdm.py samples (with the
+    # exported LoRA moved far from 0, so that the student's frames differ from the teacher's)
+    from safetensors.torch import load_file, save_file
+
+    import infer_tdm
+    from tdm.model_card import EXAMPLE_PROMPT
+
+    lora_file = str(out / "pytorch_lora_weights.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.3 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
+               for k, v in load_file(lora_file).items()}, lora_file)
+    card = (out / "README.md").read_text()
+    namespace = {}
+    exec(compile(card_snippet(card), "model_card_snippet", "exec"), namespace)
+    written = {}
+    monkeypatch.setattr(infer_tdm, "save_videos",
+                        lambda videos, names, output, fps: written.update(videos=videos) or [output])
+    assert infer_tdm.main(["--weights", str(out), "--prompt", EXAMPLE_PROMPT, "--seed", "0",
+                           "--output", str(tmp_path / "y.mp4")]) == 0
+    snippet_frames, infer_frames = namespace["frames"], written["videos"][0][0]
+    assert len(snippet_frames) == len(infer_frames) == FRAMES
+    for a, b in zip(snippet_frames, infer_frames):
+        assert a.size == b.size == (SIZE, SIZE)
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    snippet = card_snippet(card)   # the same call with the LoRA off: the teacher
+    namespace["pipe"].transformer.disable_adapters()
+    exec(compile(snippet[snippet.index("frames = pipe("):], "call", "exec"), namespace)
+    assert max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+               for a, b in zip(namespace["frames"], snippet_frames)) > 8

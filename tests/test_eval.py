@@ -2,7 +2,6 @@
 computations, the script end to end, its one-line errors, and a card whose snippet runs."""
 import importlib.util
 import json
-import re
 import sys
 
 import numpy as np
@@ -12,6 +11,7 @@ import yaml
 from PIL import Image
 
 from conftest import teacher_and_lora_student, tiny_flags
+from harness import card_snippet
 from scripts.tiny_eval_models import TinyInception, build_tiny_clip
 
 TINY_FID = "scripts.tiny_eval_models:TinyInception"   # --fid_feature_extractor
@@ -194,10 +194,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(lora_export, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
     assert not out.exists() and (lora_export / "README.md").read_text() == card
-
-
-def card_snippet(card: str) -> str:
-    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
 
 
 def test_model_card_front_matter_and_snippet_reproduce_infer_tdm(lora_export, tmp_path):
