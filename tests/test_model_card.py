@@ -4,7 +4,6 @@ snippet runs from any folder and, for every image family, samples what infer_tdm
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import FAMILIES, ROOT, tiny_flags
+from harness import card_snippet
 
 # Per family, flags whose values differ from what a fresh adapter of the tiny model would use, so
 # that a card reading anything but the config fails: the frames (Wan's default is 81, the tiny
@@ -110,7 +110,7 @@ def test_card_snippet_samples_with_the_run_config(family, tiny_models, tmp_path)
     fresh = load_backbone(model, config["backbone"], options=config.get("backbone_options"))
     write_model_card(str(out), fresh, config)
     card = (out / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    snippet = card_snippet(card)
     found = call_arguments(snippet)
     expected = expected_arguments(fresh, config)
     assert {k: found.get(k) for k in expected} == expected, snippet
@@ -147,7 +147,7 @@ def test_toy_card_snippet_runs_from_any_folder(tiny_models, tmp_path):
     finally:
         os.chdir(cwd)
     card = (work / "run" / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    snippet = card_snippet(card)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     site = tmp_path / "site"      # what `pip install` puts on the path: the package, not the repo
@@ -186,7 +186,7 @@ def test_card_snippet_samples_what_infer_tdm_samples(family, tiny_models, tmp_pa
     student.save_pretrained(str(out / backbone.denoiser_subfolder))
     write_model_card(str(out), backbone, config)
     namespace = {}
-    exec(compile(re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1),
+    exec(compile(card_snippet((out / "README.md").read_text()),
                  "model_card_snippet", "exec"), namespace)
     png = tmp_path / "infer.png"
     assert infer_tdm.main(["--weights", str(out / backbone.denoiser_subfolder), "--prompt", EXAMPLE_PROMPT,

@@ -15,6 +15,7 @@ from conftest import (ROOT, accelerate_launch, expect_success, loaded_backbone, 
                       tiny_flags)
 from flow_family import (PROMPTS, check_flow_conversion, check_rollout_equals_pipeline,
                          exported_lora_student, tiny_pipeline)
+from harness import card_snippet
 
 FRAMES = 5          # tiny: 2 latent frames
 SIZE = 32
@@ -279,7 +280,7 @@ def test_train_export_and_infer_video(tiny_wan, tmp_path, capsys):
     # the model card's plain-diffusers snippet runs as written and samples on the training grid,
     # with the run's frames (config.yaml)
     card = (out / "README.md").read_text()
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = card_snippet(card)
     assert f"num_frames={FRAMES}," in snippet and "functools.partial" in snippet
     namespace = {}
     exec(snippet, namespace)
