@@ -96,8 +96,8 @@ def test_unify_matches_the_reference_for_every_step_count(tiny_models, tmp_path,
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_extra_fake_score_updates_under_unify_roll_out_their_own_step_count(tiny_models, tmp_path, mode):
     """--fake_score_updates 3 with TDM-unify (and checkpointing): each of the iteration's three
-    starts draws its own K (seed 0: 4, 1 and 4; asserted), and every update still equals the
-    reference's."""
+    starts draws its own K (asserted: not all the same; seed 0 gives 4, 1 and 4), and every
+    update still equals the reference's."""
     flags = ["--train_mode", mode, "--unify_steps", "1,2,4", "--fake_score_updates", "3",
              "--gradient_checkpointing", "--use_separate"]
     production = check(tiny_models, tmp_path, "pixart", flags)
