@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """The toy recipe seed by seed on mixtures it was not tuned on (docs/benchmarks.md, "Toy: every
 seed on unseen mixtures"): one (mixture, seed) run pre-trains its own teacher (teacher seed =
-training seed), distils with configs/toy2d.yaml plus any train_tdm.py flags, traces the student
+training seed, unless --train_seed gives the student another), distils with configs/toy2d.yaml plus any train_tdm.py flags, traces the student
 every --trace_steps steps and scores it at the end against the teacher's DDIM 50 with the
 benchmark's protocol (tdm/toy/evaluate.py: 20,000 samples, SWD 256 projections against 100,000,
 MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
 
     python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag base
     python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag lr01 --generator_lr_ratio 0.1
+    python scripts/toy_seeds.py run --mixture ring6 --seed 1 --tag hn_ts11 --train_seed 11   # another student, same teacher
     python scripts/toy_seeds.py table base lr01
     python scripts/toy_seeds.py curves assets/toy2d_seeds.png base:square5:3 base:square5:2   # needs matplotlib
     python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
@@ -16,6 +17,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py decompose noiw:ring6:4         # bridges, shapes or weights: which error counts
     python scripts/toy_seeds.py rescore noiw:ring6:4 --draws 6 # the protocol averaged over 6 noises
     python scripts/toy_seeds.py shares hn:ring6:4              # mode weights: start, student, DDIM 50/200/1000
+    python scripts/toy_seeds.py ceiling ring6:4                # a student equal to the teacher's flow, scored
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -126,9 +128,13 @@ def run(argv) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--tag", required=True)
     p.add_argument("--trace_steps", type=int, default=100)
+    p.add_argument("--train_seed", type=int, default=None,
+                   help="The distillation's --seed (default: --seed). The teacher and the evaluation "
+                        "keep --seed, so several students of one teacher compare on the same protocol.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an earlier run of the same tag, mixture and seed (else refused).")
     job, flags = p.parse_known_args(argv)
+    train_seed = job.seed if job.train_seed is None else job.train_seed
     torch.set_num_threads(1)
     import train_tdm
     from tdm.backbones import load_backbone
@@ -145,7 +151,7 @@ def run(argv) -> None:
         raise SystemExit(f"error: {out} holds a run; pass --overwrite to replace it")
     args = parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"),
                        "--pretrained_model_name_or_path", teacher, "--backbone_options", json.dumps(opts),
-                       "--output_dir", out, "--seed", str(job.seed), "--overwrite_output_dir",
+                       "--output_dir", out, "--seed", str(train_seed), "--overwrite_output_dir",
                        "--validation_steps", str(job.trace_steps), *flags])
     backbone = load_backbone(teacher, "toy2d", options=opts)
     os.makedirs(out, exist_ok=True)
@@ -168,7 +174,7 @@ def run(argv) -> None:
         teacher_eval = json.load(f)
     student = evaluate(backbone, backbone.load_student(out), args.timesteps, job.seed, ("student_4step",))
     seconds["eval"] = time.time() - start
-    result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "flags": flags,
+    result = {"tag": job.tag, "mix": job.mixture, "seed": job.seed, "train_seed": train_seed, "flags": flags,
               "student_swd": student["swd"]["student_4step"], "student_mmd": student["mmd"]["student_4step"],
               "teacher_swd": teacher_eval["swd"]["teacher_ddim50"],
               "teacher_mmd": teacher_eval["mmd"]["teacher_ddim50"],
@@ -552,25 +558,51 @@ def shares(argv) -> None:
     """Where a student's mode weights lie between where it starts and what it is matched to: the
     mode shares (mean_shares) of the student, of the teacher's DDIM on the student's grid (the
     student's start: it is initialised from the teacher), and of the teacher's DDIM 50, 200 and
-    1000 — 1000 steps standing for the teacher's own flow, which distribution matching aims at —
-    each with half its L1 distance to the flow's shares and to the mixture's weights."""
+    1000 (--teacher_steps) — the last standing for the teacher's own flow, which distribution
+    matching aims at — each with half its L1 distance to the flow's shares and to the mixture's
+    weights."""
     from tdm.trajectory import StepGrid
 
+    p = argparse.ArgumentParser(prog="toy_seeds.py shares", add_help=False)
+    p.add_argument("--teacher_steps", type=int, nargs="+", default=[50, 200, 1000],
+                   help="The teacher's DDIM step counts; the last stands for its flow.")
+    job, argv = p.parse_known_args(argv)
     draws, runs = finished_runs("shares", argv)
-    print("| run | sampler | mode shares | ½ Σ abs to DDIM 1000 | ½ Σ abs to the mixture's weights |\n"
-          "|---|---|---|---|---|")
+    flow_name = f"teacher DDIM {job.teacher_steps[-1]}"
+    print(f"| run | sampler | mode shares | ½ Σ abs to DDIM {job.teacher_steps[-1]} "
+          "| ½ Σ abs to the mixture's weights |\n|---|---|---|---|---|")
     for run in runs:
         backbone, grid = run.backbone, run.grid
         teacher, steps = run.teacher(), backbone.path.num_timesteps
         samplers = {"student": (run.student(), grid),
                     f"teacher DDIM {len(grid.timesteps)} (the start)": (teacher, grid),
-                    **{f"teacher DDIM {n}": (teacher, StepGrid.uniform(n, steps)) for n in (50, 200, 1000)}}
+                    **{f"teacher DDIM {n}": (teacher, StepGrid.uniform(n, steps)) for n in job.teacher_steps}}
         found = {name: mean_shares(backbone, net, g, run.seed, draws) for name, (net, g) in samplers.items()}
-        flow, truth = found["teacher DDIM 1000"], backbone.mixture.weights.double()
+        flow, truth = found[flow_name], backbone.mixture.weights.double()
         for name, v in found.items():
             print(f"| {run.name} | {name} | " + " ".join(f"{x:.4f}" for x in v)
                   + f" | {0.5 * float((v - flow).abs().sum()):.4f} | {0.5 * float((v - truth).abs().sum()):.4f} |",
                   flush=True)
+
+
+def mean_over_draws(scores: list, i: int) -> float:
+    """The mean over draws of element i (0: SWD, 1: MMD²) of scores_over_draws' pairs."""
+    return statistics.mean(s[i] for s in scores)
+
+
+def teacher_ddim_scores(backbone, folder: str, teacher, steps: int, seed: int, draws: int) -> list:
+    """scores_over_draws of the teacher's DDIM `steps` (teacher() gives its network), cached in
+    its folder: rescore and ceiling read the same draws."""
+    from tdm.trajectory import StepGrid
+
+    cached = os.path.join(folder, f"ddim{steps}_draws{draws}_seed{seed}.json")
+    if not os.path.exists(cached):
+        scores = scores_over_draws(backbone, teacher(), StepGrid.uniform(steps, backbone.path.num_timesteps),
+                                   seed, draws)
+        with open(cached, "w") as f:
+            json.dump(scores, f)
+    with open(cached) as f:
+        return json.load(f)
 
 
 def rescore(argv) -> None:
@@ -579,35 +611,52 @@ def rescore(argv) -> None:
     20,000 points moves a teacher's own SWD by −36 % to +65 % (`yardstick`: the multinomial noise of the mode
     weights, which SW₂ weighs by the distance between modes); the mean of N draws by ~1/√N of it.
     Writes rescore.json into each run folder (the teacher's draws are cached beside it)."""
-    from tdm.trajectory import StepGrid
-
     draws, runs = finished_runs("rescore", argv)
     for run in runs:
-        backbone, seed = run.backbone, run.seed
-        cached = os.path.join(run.teacher_folder, f"ddim50_draws{draws}_seed{seed}.json")
-        if not os.path.exists(cached):
-            teacher_scores = scores_over_draws(backbone, run.teacher(),
-                                               StepGrid.uniform(50, backbone.path.num_timesteps), seed, draws)
-            with open(cached, "w") as f:
-                json.dump(teacher_scores, f)
-        with open(cached) as f:
-            teacher_scores = json.load(f)
-        student_scores = scores_over_draws(backbone, run.student(), run.grid, seed, draws)
-        mean = lambda scores, i: statistics.mean(s[i] for s in scores)  # noqa: E731
+        teacher_scores = teacher_ddim_scores(run.backbone, run.teacher_folder, run.teacher, 50, run.seed, draws)
+        student_scores = scores_over_draws(run.backbone, run.student(), run.grid, run.seed, draws)
+        (s_swd, t_swd), (s_mmd, t_mmd) = [(mean_over_draws(student_scores, i), mean_over_draws(teacher_scores, i))
+                                          for i in (0, 1)]
         result = {"draws": draws, "student": student_scores, "teacher": teacher_scores,
-                  "r_swd": mean(student_scores, 0) / mean(teacher_scores, 0),
-                  "r_mmd": mean(student_scores, 1) / mean(teacher_scores, 1)}
+                  "r_swd": s_swd / t_swd, "r_mmd": s_mmd / t_mmd}
         with open(os.path.join(run.folder, "rescore.json"), "w") as f:
             json.dump(result, f, indent=1)
-        print(f"{run.name}: mean of {draws} draws SWD {mean(student_scores, 0):.4f} / teacher "
-              f"{mean(teacher_scores, 0):.4f} = {result['r_swd']:.2f}, MMD² {mean(student_scores, 1) * 1e3:.2f} / "
-              f"{mean(teacher_scores, 1) * 1e3:.2f} = {result['r_mmd']:.2f}", flush=True)
+        print(f"{run.name}: mean of {draws} draws SWD {s_swd:.4f} / teacher {t_swd:.4f} = {result['r_swd']:.2f}, "
+              f"MMD² {s_mmd * 1e3:.2f} / {t_mmd * 1e3:.2f} = {result['r_mmd']:.2f}", flush=True)
+
+
+def ceiling(argv) -> None:
+    """What a student that matched its target exactly would score: the teacher's DDIM 200 and
+    1000 (its own flow, which distribution matching aims at) by the protocol over --draws noises,
+    over its DDIM 50's (rescore's draws) — the ratios rescore would give such a student."""
+    from tdm.backbones import load_backbone
+
+    p = argparse.ArgumentParser(prog="toy_seeds.py ceiling")
+    p.add_argument("teachers", nargs="+", help="MIXTURE:SEED of teachers already trained")
+    p.add_argument("--draws", type=int, default=6)
+    p.add_argument("--steps", type=int, nargs="+", default=[200, 1000])
+    job = p.parse_args(argv)
+    print("| mixture | seed | " + " | ".join(f"DDIM {n}: SWD / MMD² ratio" for n in job.steps) + " |\n"
+          + "|---|---|" + "---|" * len(job.steps))
+    for spec in job.teachers:
+        mixture, seed = spec.split(":")
+        seed = int(seed)
+        folder = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
+        backbone = load_backbone(folder, "toy2d", options=options(mixture, seed))
+        teacher = lambda: backbone.denoiser(backbone.load_denoiser().eval())  # noqa: E731
+        base = teacher_ddim_scores(backbone, folder, teacher, 50, seed, job.draws)
+        cells = []
+        for n in job.steps:
+            scores = teacher_ddim_scores(backbone, folder, teacher, n, seed, job.draws)
+            r_swd, r_mmd = (mean_over_draws(scores, i) / mean_over_draws(base, i) for i in (0, 1))
+            cells.append(f"{r_swd:.2f} / {r_mmd:.2f}")
+        print(f"| {mixture} | {seed} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick",
-                                   "decompose", "rescore", "shares"):
+                                   "decompose", "rescore", "shares", "ceiling"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -626,6 +675,8 @@ def main(argv=None) -> int:
         rescore(argv[1:])
     elif argv[0] == "shares":
         shares(argv[1:])
+    elif argv[0] == "ceiling":
+        ceiling(argv[1:])
     else:
         scatter(argv[1], argv[2:])
     return 0
