@@ -18,6 +18,7 @@ MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
     python scripts/toy_seeds.py rescore noiw:ring6:4 --draws 6 # the protocol averaged over 6 noises
     python scripts/toy_seeds.py shares hn:ring6:4              # mode weights: start, student, DDIM 50/200/1000
     python scripts/toy_seeds.py ceiling ring6:4                # a student equal to the teacher's flow, scored
+    python scripts/toy_seeds.py students ring6:1 --tags hn hn_ts11 # several students of one teacher, rescored
 
 The trace (trace.jsonl, per --trace_steps): the student's SWD/MMD²/mode statistics on 4,000
 fixed-noise draws against held-out data, and the gradient norms (before clipping) of every
@@ -210,6 +211,12 @@ def within(r: dict) -> bool:
     return r["r_swd"] <= 1.1 and r["r_mmd"] <= 1.1
 
 
+def spread(values, digits: int) -> str:
+    """"mean ± std" of `values` (the mean alone for one value)."""
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+
+
 def table(tags) -> None:
     """Markdown: one row per seed, then mean ± std (over seeds) per recipe and mixture."""
     rows = results(tags)
@@ -223,11 +230,6 @@ def table(tags) -> None:
     groups = {}
     for key, r in rows.items():
         groups.setdefault(key[:2], []).append(r)
-
-    def spread(values, digits):
-        mean = f"{statistics.mean(values):.{digits}f}"
-        return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
-
     print("\n| recipe | mixture | seeds | SWD student | SWD teacher | MMD² ×10³ student | MMD² ×10³ teacher "
           "| seeds within 10 % |")
     print("|---|---|---|---|---|---|---|---|")
@@ -625,6 +627,37 @@ def rescore(argv) -> None:
               f"MMD² {s_mmd * 1e3:.2f} / {t_mmd * 1e3:.2f} = {result['r_mmd']:.2f}", flush=True)
 
 
+def students(argv) -> None:
+    """Several students of one teacher (`run --train_seed`): per MIXTURE:SEED teacher, the
+    six-draw ratios (rescore.json) of its runs under each of --tags, in that order, their mean ±
+    std and how many are within 10 % by both. A tag without a run of that teacher is left out; a
+    run without rescore.json stops it (run rescore first)."""
+    p = argparse.ArgumentParser(prog="toy_seeds.py students")
+    p.add_argument("teachers", nargs="+", help="MIXTURE:SEED of teachers already trained")
+    p.add_argument("--tags", nargs="+", required=True, help="the students' run tags")
+    job = p.parse_args(argv)
+    print("| teacher | SWD ratio of its students | mean ± std | MMD² ratio | within 10 % by both |\n"
+          "|---|---|---|---|---|")
+    for spec in job.teachers:
+        mixture, seed = spec.split(":")
+        found = []
+        for tag in job.tags:
+            folder = os.path.join(OUT, tag, f"{mixture}_s{seed}")
+            if not os.path.isdir(folder):
+                continue
+            path = os.path.join(folder, "rescore.json")
+            if not os.path.exists(path):
+                raise SystemExit(f"error: {folder} has no rescore.json "
+                                 f"(python scripts/toy_seeds.py rescore {tag}:{mixture}:{seed})")
+            with open(path) as f:
+                found.append(json.load(f))
+        if not found:
+            raise SystemExit(f"error: no run of {spec} under the tags {' '.join(job.tags)}")
+        r_swd, r_mmd = [r["r_swd"] for r in found], [r["r_mmd"] for r in found]
+        print(f"| {mixture} {seed} | {', '.join(f'{x:.2f}' for x in r_swd)} | {spread(r_swd, 2)} | "
+              f"{', '.join(f'{x:.2f}' for x in r_mmd)} | {sum(map(within, found))} of {len(found)} |", flush=True)
+
+
 def ceiling(argv) -> None:
     """What a student that matched its target exactly would score: the teacher's DDIM 200 and
     1000 (its own flow, which distribution matching aims at) by the protocol over --draws noises,
@@ -656,7 +689,7 @@ def ceiling(argv) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick",
-                                   "decompose", "rescore", "shares", "ceiling"):
+                                   "decompose", "rescore", "shares", "ceiling", "students"):
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -677,6 +710,8 @@ def main(argv=None) -> int:
         shares(argv[1:])
     elif argv[0] == "ceiling":
         ceiling(argv[1:])
+    elif argv[0] == "students":
+        students(argv[1:])
     else:
         scatter(argv[1], argv[2:])
     return 0

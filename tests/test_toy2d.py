@@ -592,6 +592,23 @@ def test_toy_seeds_trace_leaves_training_unchanged_and_scores_the_student(tmp_pa
     assert counts == [{"fake": 6, "student": 3}] * 2
 
 
+def test_toy_seeds_students_tabulates_the_rescored_students_of_each_teacher(tmp_path, monkeypatch, capsys):
+    """scripts/toy_seeds.py students: per teacher, the rescored ratios of its runs in --tags order,
+    mean ± std (1.0 and 1.2: 1.10 ± 0.14) and the count within 10 % by both (MMD² 1.2 fails);
+    a tag without a run of that teacher is left out; a run without rescore.json stops it."""
+    from scripts import toy_seeds
+
+    monkeypatch.setattr(toy_seeds, "OUT", str(tmp_path))
+    for tag, r_swd, r_mmd in (("a", 1.0, 0.5), ("b", 1.2, 1.2)):
+        (tmp_path / tag / "ring6_s1").mkdir(parents=True)
+        (tmp_path / tag / "ring6_s1" / "rescore.json").write_text(json.dumps({"r_swd": r_swd, "r_mmd": r_mmd}))
+    toy_seeds.students(["ring6:1", "--tags", "b", "a", "absent"])
+    assert capsys.readouterr().out.splitlines()[-1] == "| ring6 1 | 1.20, 1.00 | 1.10 ± 0.14 | 1.20, 0.50 | 1 of 2 |"
+    (tmp_path / "c" / "ring6_s1").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="has no rescore.json"):
+        toy_seeds.students(["ring6:1", "--tags", "a", "c"])
+
+
 def test_idealised_takes_out_one_kind_of_error():
     """scripts/toy_seeds.py decompose: modes (0, 0) std 0.1 and (1, 0) std 0.2; 4,000 points
     squeezed onto mode 0, 1,000 onto mode 1, 1,000 at (0.5, 1) (off: z = 5.6 of mode 1, 11.2 of
