@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """The toy recipe seed by seed on mixtures it was not tuned on (docs/benchmarks.md, "Toy: every
 seed on unseen mixtures"): one (mixture, seed) run pre-trains its own teacher (teacher seed =
-training seed, unless --train_seed gives the student another), distils with configs/toy2d.yaml plus any train_tdm.py flags, traces the student
-every --trace_steps steps and scores it at the end against the teacher's DDIM 50 with the
-benchmark's protocol (tdm/toy/evaluate.py: 20,000 samples, SWD 256 projections against 100,000,
-MMD² h = 0.1 on 10,000, evaluation seeds = training seed).
+training seed, unless --train_seed gives the student another), distils with configs/toy2d.yaml
+plus any train_tdm.py flags, traces the student every --trace_steps steps and scores it at the
+end against the teacher's DDIM 50 with the benchmark's protocol (tdm/toy/evaluate.py: 20,000
+samples, SWD 256 projections against 100,000, MMD² h = 0.1 on 10,000, evaluation seeds = --seed).
 
     python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag base
     python scripts/toy_seeds.py run --mixture square5 --seed 3 --tag lr01 --generator_lr_ratio 0.1
-    python scripts/toy_seeds.py run --mixture ring6 --seed 1 --tag hn_ts11 --train_seed 11   # another student, same teacher
+    python scripts/toy_seeds.py run --mixture ring6 --seed 1 --tag hn_ts11 --train_seed 11  # same teacher, new student
     python scripts/toy_seeds.py table base lr01
     python scripts/toy_seeds.py curves assets/toy2d_seeds.png base:square5:3 base:square5:2   # needs matplotlib
     python scripts/toy_seeds.py scatter students.png teacher:square5:3 base:square5:3 s_nf2:square5:3
@@ -57,6 +57,18 @@ def options(mixture: str, seed: int) -> dict:
     return {"mixture": MIXTURES[mixture], "network": {"hidden": 128, "depth": 3, "time_channels": 64},
             "teacher": {"steps": 4000, "batch_size": 1024, "lr": 2.0e-3, "label_dropout": 0.1,
                         "ema": 0.995, "seed": seed}}
+
+
+def teacher_folder(mixture: str, seed) -> str:
+    """Where the teacher of (mixture, seed) is pre-trained (ensure_teacher) and cached."""
+    return os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
+
+
+def trained_teacher(mixture: str, seed):
+    """The toy2d backbone of an already pre-trained teacher of (mixture, seed)."""
+    from tdm.backbones import load_backbone
+
+    return load_backbone(teacher_folder(mixture, seed), "toy2d", options=options(mixture, int(seed)))
 
 
 def evaluate(backbone, net, timesteps, repeat: int, samplers) -> dict:
@@ -143,7 +155,7 @@ def run(argv) -> None:
     from tdm.toy.teacher import ensure_teacher
 
     opts = options(job.mixture, job.seed)
-    teacher = os.path.join(OUT, "teachers", f"{job.mixture}_s{job.seed}")
+    teacher = teacher_folder(job.mixture, job.seed)
     start = time.time()
     ensure_teacher(teacher, opts)
     seconds = {"teacher": time.time() - start}
@@ -297,7 +309,6 @@ def curves(path: str, runs) -> None:
 def scatter(path: str, runs) -> None:
     """Scatter panels (20,000 draws, one noise) of TAG:MIXTURE:SEED students, or of
     teacher:MIXTURE:SEED (that seed's teacher, DDIM 50), 4 per row, into `path`."""
-    from tdm.backbones import load_backbone
     from tdm.images import image_grid
     from tdm.toy.evaluate import scatter_panel
     from tdm.trajectory import StepGrid, rollout
@@ -305,8 +316,7 @@ def scatter(path: str, runs) -> None:
     panels = []
     for spec in runs:
         tag, mix, seed = spec.split(":")
-        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mix}_s{seed}"), "toy2d",
-                                 options=options(mix, int(seed)))
+        backbone = trained_teacher(mix, seed)
         if tag == "teacher":
             net, label = backbone.load_denoiser(), f"{mix} s{seed}: teacher DDIM 50"
             grid = StepGrid.uniform(50, backbone.path.num_timesteps)
@@ -348,7 +358,7 @@ def importance(argv) -> None:
     p.add_argument("--seed", type=int, default=3)
     job = p.parse_args(argv)
     opts = options(job.mixture, job.seed)
-    teacher = os.path.join(OUT, "teachers", f"{job.mixture}_s{job.seed}")
+    teacher = teacher_folder(job.mixture, job.seed)
     ensure_teacher(teacher, opts)
     backbone = load_backbone(teacher, "toy2d", options=opts)
     args = parse_args(["--config", os.path.join(ROOT, "configs", "toy2d.yaml"), "--pretrained_model_name_or_path",
@@ -424,7 +434,6 @@ def yardstick(argv) -> None:
     teacher's DDIM 50 from --draws other noises (draw_repeats), scored against the protocol's
     reference of that seed, over its DDIM 50 from the protocol's noise. The spread of these
     ratios is the metric's own: a 4-step student that matched its teacher exactly lands there."""
-    from tdm.backbones import load_backbone
     from tdm.trajectory import StepGrid
 
     p = argparse.ArgumentParser(prog="toy_seeds.py yardstick")
@@ -436,8 +445,7 @@ def yardstick(argv) -> None:
     for spec in job.runs:
         mixture, seed = spec.split(":")
         seed = int(seed)
-        backbone = load_backbone(os.path.join(OUT, "teachers", f"{mixture}_s{seed}"), "toy2d",
-                                 options=options(mixture, seed))
+        backbone = trained_teacher(mixture, seed)
         net = backbone.denoiser(backbone.load_denoiser().eval())
         scores = scores_over_draws(backbone, net, StepGrid.uniform(50, backbone.path.num_timesteps),
                                    seed, job.draws + 1)
@@ -455,14 +463,13 @@ class FinishedRun:
     student's grid (config.yaml)."""
 
     def __init__(self, spec: str):
-        from tdm.backbones import load_backbone
         from tdm.trajectory import StepGrid
         import yaml
 
         self.tag, self.mixture, seed = spec.split(":")
         self.seed = int(seed)
-        self.teacher_folder = os.path.join(OUT, "teachers", f"{self.mixture}_s{self.seed}")
-        self.backbone = load_backbone(self.teacher_folder, "toy2d", options=options(self.mixture, self.seed))
+        self.teacher_folder = teacher_folder(self.mixture, self.seed)
+        self.backbone = trained_teacher(self.mixture, self.seed)
         self.folder = os.path.join(OUT, self.tag, f"{self.mixture}_s{self.seed}")
         with open(os.path.join(self.folder, "config.yaml")) as f:
             self.grid = StepGrid(yaml.safe_load(f)["timesteps"])
@@ -662,8 +669,6 @@ def ceiling(argv) -> None:
     """What a student that matched its target exactly would score: the teacher's DDIM 200 and
     1000 (its own flow, which distribution matching aims at) by the protocol over --draws noises,
     over its DDIM 50's (rescore's draws) — the ratios rescore would give such a student."""
-    from tdm.backbones import load_backbone
-
     p = argparse.ArgumentParser(prog="toy_seeds.py ceiling")
     p.add_argument("teachers", nargs="+", help="MIXTURE:SEED of teachers already trained")
     p.add_argument("--draws", type=int, default=6)
@@ -674,8 +679,7 @@ def ceiling(argv) -> None:
     for spec in job.teachers:
         mixture, seed = spec.split(":")
         seed = int(seed)
-        folder = os.path.join(OUT, "teachers", f"{mixture}_s{seed}")
-        backbone = load_backbone(folder, "toy2d", options=options(mixture, seed))
+        folder, backbone = teacher_folder(mixture, seed), trained_teacher(mixture, seed)
         teacher = lambda: backbone.denoiser(backbone.load_denoiser().eval())  # noqa: E731
         base = teacher_ddim_scores(backbone, folder, teacher, 50, seed, job.draws)
         cells = []
@@ -686,34 +690,18 @@ def ceiling(argv) -> None:
         print(f"| {mixture} | {seed} | " + " | ".join(cells) + " |", flush=True)
 
 
+COMMANDS = {"run": run, "table": table, "importance": importance, "yardstick": yardstick,
+            "decompose": decompose, "rescore": rescore, "shares": shares, "ceiling": ceiling,
+            "students": students,
+            "curves": lambda argv: curves(argv[0], argv[1:]), "scatter": lambda argv: scatter(argv[0], argv[1:])}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("run", "table", "curves", "scatter", "importance", "yardstick",
-                                   "decompose", "rescore", "shares", "ceiling", "students"):
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 2
-    if argv[0] == "run":
-        run(argv[1:])
-    elif argv[0] == "table":
-        table(argv[1:])
-    elif argv[0] == "curves":
-        curves(argv[1], argv[2:])
-    elif argv[0] == "importance":
-        importance(argv[1:])
-    elif argv[0] == "yardstick":
-        yardstick(argv[1:])
-    elif argv[0] == "decompose":
-        decompose(argv[1:])
-    elif argv[0] == "rescore":
-        rescore(argv[1:])
-    elif argv[0] == "shares":
-        shares(argv[1:])
-    elif argv[0] == "ceiling":
-        ceiling(argv[1:])
-    elif argv[0] == "students":
-        students(argv[1:])
-    else:
-        scatter(argv[1], argv[2:])
+    COMMANDS[argv[0]](argv[1:])
     return 0
 
 
